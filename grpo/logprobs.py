@@ -1,0 +1,164 @@
+"""Per-token log-probabilities and entropies from logits, without a second [B, T, V] float32 tensor.
+
+The naive ``torch.log_softmax(logits / T, -1).gather(-1, tokens)`` allocates ``logits / T`` and the full
+log-softmax (both [B, T, V]; float32 if the logits are upcast first) and keeps the log-softmax alive for
+backward. With V = 49k (SmolLM2) or 152k (Qwen2.5) that tensor, not the model, is what runs out of memory.
+
+``token_logprobs`` instead walks over the B*T rows in chunks of ``chunk_size`` rows: each chunk is upcast
+to float32, divided by the temperature, reduced to one logsumexp per row and one gathered logit per row,
+and freed. Backward (a custom autograd Function) recomputes the chunk's softmax from the saved logits:
+
+    d logp[b,t] / d logits[b,t,v] = (1[v == tokens[b,t]] - softmax(logits[b,t] / T)[v]) / T
+
+so the only [B, T, V] tensors are the logits themselves (saved by reference, not copied) and the
+gradient that autograd needs anyway, both in the logits' dtype.
+
+This module is task-agnostic and has no dependency beyond torch.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.autograd.function import once_differentiable
+
+DEFAULT_CHUNK_ROWS = 1024  # 1024 rows x 152k vocab x 4 bytes = 0.6 GB of float32 scratch per chunk
+
+
+def _check_inputs(logits: torch.Tensor, tokens: torch.Tensor | None, temperature: float, chunk_size: int) -> None:
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if not temperature > 0:  # also rejects NaN
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 row, got {chunk_size}")
+    if tokens is None:
+        return
+    if tokens.shape != logits.shape[:2]:
+        raise ValueError(f"tokens shape {tuple(tokens.shape)} != logits [B, T] {tuple(logits.shape[:2])}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"tokens must be int64/int32 ids, got {tokens.dtype}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= logits.shape[-1]):
+        # An out-of-range id is a device-side assert on CUDA; say what is wrong instead.
+        raise ValueError(f"token ids must lie in [0, {logits.shape[-1]}), got range "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+
+def _row_chunks(x: torch.Tensor, chunk_size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (start, stop, rows) with rows = x's flattened rows [start, stop) as a [stop - start, V] view.
+
+    x is [B, T, V]. If it can be viewed as [B*T, V] the chunks run over the flat rows; otherwise (e.g. the
+    usual ``logits[:, :-1]`` slice) they stay within one batch row, so no chunk ever needs a copy of x.
+    """
+    B, T, V = x.shape
+    try:
+        flat = x.view(B * T, V)
+    except RuntimeError:
+        flat = None
+    if flat is not None:
+        for start in range(0, B * T, chunk_size):
+            stop = min(start + chunk_size, B * T)
+            yield start, stop, flat[start:stop]
+        return
+    for b in range(B):
+        for t0 in range(0, T, chunk_size):
+            t1 = min(t0 + chunk_size, T)
+            yield b * T + t0, b * T + t1, x[b, t0:t1]
+
+
+def _accum_dtype(logits: torch.Tensor) -> torch.dtype:
+    # float32 for bf16/fp16/fp32 logits; float64 logits (tests, gradcheck) stay float64.
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float,  # type: ignore[override]
+                chunk_size: int) -> torch.Tensor:
+        B, T, _ = logits.shape
+        acc = _accum_dtype(logits)
+        flat_tokens = tokens.reshape(B * T, 1).long()
+        out = torch.empty(B * T, dtype=acc, device=logits.device)
+        lse = torch.empty(B * T, dtype=acc, device=logits.device)
+        for start, stop, rows in _row_chunks(logits, chunk_size):
+            scaled = rows.to(acc) / temperature  # the only V-wide scratch: [chunk, V] float32
+            lse[start:stop] = torch.logsumexp(scaled, dim=-1)
+            out[start:stop] = scaled.gather(-1, flat_tokens[start:stop]).squeeze(-1) - lse[start:stop]
+            del scaled
+        ctx.save_for_backward(logits, flat_tokens, lse)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        return out.view(B, T)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        logits, flat_tokens, lse = ctx.saved_tensors
+        B, T, V = logits.shape
+        inv_t = 1.0 / ctx.temperature
+        g = grad_out.reshape(B * T, 1).to(lse.dtype) * inv_t  # d loss / d (logits / T) scaled back to logits
+        grad = torch.empty((B * T, V), dtype=logits.dtype, device=logits.device)
+        for start, stop, rows in _row_chunks(logits, ctx.chunk_size):
+            probs = torch.exp(rows.to(lse.dtype) * inv_t - lse[start:stop, None])
+            chunk_grad = probs.mul_(-g[start:stop])  # -softmax * g / T
+            chunk_grad.scatter_add_(-1, flat_tokens[start:stop], g[start:stop])  # + onehot * g / T
+            grad[start:stop] = chunk_grad.to(logits.dtype)
+            del probs, chunk_grad
+        return grad.view(B, T, V), None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   chunk_size: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """log pi(tokens | context) under the temperature-scaled policy, computed in row chunks.
+
+        logp[b, t] = log_softmax(logits[b, t, :] / temperature)[tokens[b, t]]
+                   = logits[b, t, tokens[b, t]] / temperature - logsumexp_v(logits[b, t, v] / temperature)
+
+    Args:
+        logits: [B, T, V] any float dtype (bf16 is upcast one chunk at a time). logits[b, t] must already be
+            aligned with tokens[b, t], i.e. the caller has dropped the last position / shifted by one.
+        tokens: [B, T] int ids in [0, V) (pad positions may hold any valid id; mask them downstream).
+        temperature: the sampling temperature the rollout engine used. The trainer MUST score with the same
+            temperature: pi_old, pi_theta and pi_ref all have to describe the distribution the completions
+            were actually drawn from, otherwise ratio = exp(logp - old_logp) and the KL are off by a
+            systematic, token-dependent factor even when the weights are identical.
+        chunk_size: rows (of the flattened B*T) processed at once; peak scratch is chunk_size x V float32.
+
+    Returns:
+        [B, T] float32 (float64 if the logits are float64), differentiable w.r.t. logits; the gradient
+        comes back in the logits' dtype.
+    """
+    _check_inputs(logits, tokens, temperature, chunk_size)
+    return _ChunkedTokenLogprobs.apply(logits, tokens, float(temperature), int(chunk_size))
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0,
+                  chunk_size: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """Entropy of the temperature-scaled next-token distribution at every position, in row chunks.
+
+        z = logits[b, t] / temperature,  log p = z - logsumexp(z)
+        H[b, t] = -sum_v p_v log p_v
+
+    A monitoring metric only: computed under no_grad (the returned tensor has no graph), so an entropy
+    bonus would need its own differentiable version.
+
+    Args:
+        logits: [B, T, V] any float dtype. temperature: as in token_logprobs. chunk_size: rows per chunk.
+    Returns:
+        [B, T] float32 (float64 for float64 logits), in nats, each in [0, log V].
+    """
+    _check_inputs(logits, None, temperature, chunk_size)
+    B, T, _ = logits.shape
+    acc = _accum_dtype(logits)
+    out = torch.empty(B * T, dtype=acc, device=logits.device)
+    for start, stop, rows in _row_chunks(logits, chunk_size):
+        z = rows.to(acc) / temperature
+        log_probs = z - torch.logsumexp(z, dim=-1, keepdim=True)
+        probs = torch.exp(log_probs)
+        # where(): a vocabulary entry masked to -inf has p = 0 and must add 0, not 0 * -inf = nan.
+        out[start:stop] = -torch.where(probs > 0, probs * log_probs, 0.0).sum(-1)
+        del z, log_probs, probs
+    return out.view(B, T)

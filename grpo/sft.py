@@ -1,0 +1,307 @@
+"""Supervised fine-tuning on (prompt, completion) pairs: completion-only loss, optional packing, FSDP2 loop.
+
+Task-agnostic: the caller renders its data into prompt/completion *text* (or token ids) and this module never
+looks inside. Conventions:
+
+* A training example is ``prompt_ids + completion_ids + [eos]``; ``labels`` is −100 on every prompt position and
+  equals ``input_ids`` on the completion and the final EOS, so the model learns the answer *and* to stop.
+* A *row* holds one example (``packing=False``) or several concatenated ones (``packing=True``). Position ids
+  restart at 0 at every example; with ``attention_mask=None`` transformers reads those restarts as packed-sequence
+  boundaries and builds a block-diagonal causal mask (sdpa/eager) or a varlen flash-attention call, so a packed
+  example sees exactly what it would see alone. Rows are right-padded: causal attention never lets a real token
+  look at a pad after it, so no 2-D padding mask is needed either.
+* The loss of an optimizer step is Σ token NLL / (completion tokens of the whole step, over every gradient
+  accumulation micro-batch and every rank): each completion token weighs the same wherever it landed.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from grpo.config import ConfigError
+
+IGNORE = -100
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SFTConfig:
+    model: str = _f("smollm2-135m-instruct", "start model: local folder, hub id, or smollm2-135m-instruct")
+    data: str = _f("", "training data (a JSONL file the task script turns into prompt/completion pairs)")
+    out_dir: str = _f("runs/sft", "run folder: checkpoints, TensorBoard events, config.yaml")
+    dtype: str = _f("float32", "parameter dtype: float32 (CPU default) | bfloat16 | float16")
+    seed: int = _f(0, "seeds the data order; a resumed run continues the same order")
+    epochs: float = _f(1.0, "passes over the data (fractions allowed); ignored when max_steps > 0")
+    max_steps: int = _f(0, "optimizer steps to run; 0 = derive from epochs")
+    batch_size: int = _f(8, "rows per micro-batch on each rank")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    max_len: int = _f(1024, "tokens per row; longer examples are dropped (with a count), never cut")
+    packing: bool = _f(False, "concatenate several examples into each row of up to max_len tokens")
+    lr: float = _f(1e-5, "peak learning rate")
+    beta1: float = _f(0.9, "AdamW β₁")
+    beta2: float = _f(0.95, "AdamW β₂")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay (not on biases and norms)")
+    warmup_ratio: float = _f(0.03, "linear warmup as a fraction of all optimizer steps")
+    lr_scheduler: str = _f("cosine", "cosine | linear | constant")
+    max_grad_norm: float = _f(1.0, "global gradient-norm clip (0 = off)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory, costs ~30% time)")
+    log_every: int = _f(1, "console/TensorBoard every N steps")
+    save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
+    keep_last: int = _f(2, "checkpoints kept")
+    resume: str = _f("none", "none | auto (newest complete checkpoint in out_dir) | a checkpoint path")
+
+    def validate(self, world_size: int = 1) -> None:
+        problems: list[str] = []
+        for name in ("batch_size", "grad_accum", "max_len", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be ≥ 1")
+        if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
+            problems.append("set max_steps > 0 or epochs > 0")
+        if self.lr_scheduler not in ("cosine", "linear", "constant"):
+            problems.append(f"lr_scheduler={self.lr_scheduler!r}: expected cosine | linear | constant")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append("warmup_ratio must be in [0, 1)")
+        if self.save_every < 0 or self.max_grad_norm < 0:
+            problems.append("save_every and max_grad_norm must be ≥ 0")
+        if not self.data:
+            problems.append("data is empty: name the training file")
+        if problems:
+            raise ConfigError("invalid SFT config:\n  - " + "\n  - ".join(problems))
+
+
+# ----------------------------------------------------------------------------- examples, rows, batches
+
+@dataclass
+class Row:
+    """One training row: ``input_ids``, ``labels`` and ``position_ids`` are lists of the same length."""
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+
+    @property
+    def n_targets(self) -> int:
+        """Completion tokens this row trains on (label positions after the causal shift)."""
+        return sum(1 for y in self.labels[1:] if y != IGNORE)
+
+
+def build_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], eos_id: int) -> Row:
+    """Concatenate prompt and completion, append EOS (unless already last) and mask the prompt with −100."""
+    completion = list(completion_ids)
+    if not completion or completion[-1] != eos_id:
+        completion.append(eos_id)
+    ids = list(prompt_ids) + completion
+    labels = [IGNORE] * len(prompt_ids) + completion
+    return Row(ids, labels, list(range(len(ids))))
+
+
+def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_len: int) -> tuple[list[Row], int]:
+    """Text pairs → rows of one example each; returns (rows, number dropped for exceeding max_len).
+
+    Prompt and completion are tokenised *separately*: generation sees the prompt's tokens and then produces the
+    completion's, and tokenising the concatenation could merge tokens across that boundary. The prompt text is
+    expected to carry its own special tokens (a rendered chat template), so none are added.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id: SFT needs one to teach the model to stop")
+    rows, dropped = [], 0
+    for prompt, completion in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        row = build_example(p, c, eos)
+        if len(row.input_ids) > max_len:
+            dropped += 1
+            continue
+        rows.append(row)
+    return rows, dropped
+
+
+def pack_rows(rows: Sequence[Row], max_len: int) -> list[Row]:
+    """Greedily concatenate single-example rows, in order, into rows of at most ``max_len`` tokens.
+
+    Each example keeps its own position ids (restarting at 0), which is what marks the boundary for attention.
+    """
+    packed: list[Row] = []
+    cur = Row([], [], [])
+    for r in rows:
+        if cur.input_ids and len(cur.input_ids) + len(r.input_ids) > max_len:
+            packed.append(cur)
+            cur = Row([], [], [])
+        cur.input_ids += r.input_ids
+        # The first label of an example would be predicted from the previous example's last token: mask it.
+        cur.labels += [IGNORE] + r.labels[1:]
+        cur.position_ids += r.position_ids
+    if cur.input_ids:
+        packed.append(cur)
+    return packed
+
+
+def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest: input_ids/labels/position_ids, each [B, T] long.
+
+    Pad positions continue the last example's positions (no restart), so they do not open a new packed segment;
+    they only ever attend backwards and carry label −100.
+    """
+    T = max(len(r.input_ids) for r in rows)
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n] = torch.tensor(r.input_ids)
+        labels[i, :n] = torch.tensor(r.labels)
+        last = r.position_ids[-1] if n else -1
+        pos[i, :n] = torch.tensor(r.position_ids)
+        pos[i, n:] = torch.arange(last + 1, last + 1 + T - n)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def completion_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(Σ NLL over completion tokens — a scalar with grad, number of those tokens) for one collated batch.
+
+    Only the columns whose next token is a target get logits (``logits_to_keep`` with an index tensor), so long
+    prompts cost no vocabulary-sized activations.
+    """
+    device = next(model.parameters()).device
+    targets = batch["labels"][:, 1:]                                     # [B, T-1]: column t predicts token t+1
+    cols = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)          # [K]
+    out = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                use_cache=False, logits_to_keep=cols.to(device))
+    logits = out.logits.float()                                          # [B, K, V]
+    tgt = targets[:, cols].to(device)                                    # [B, K]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE,
+                          reduction="sum")
+    return nll, int((tgt != IGNORE).sum())
+
+
+# ----------------------------------------------------------------------------- data order
+
+def rows_for_step(n_rows: int, step: int, rows_per_step: int, seed: int) -> list[int]:
+    """Row indices of global optimizer step ``step``: a fresh permutation per epoch, wrapped to fill the last step.
+
+    A pure function of (step, seed), so a resumed run picks up the exact order it would have seen.
+    """
+    steps_per_epoch = math.ceil(n_rows / rows_per_step)
+    epoch, k = divmod(step, steps_per_epoch)
+    order = list(range(n_rows))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    idx = [order[(k * rows_per_step + j) % n_rows] for j in range(rows_per_step)]
+    return idx
+
+
+def total_steps(cfg: SFTConfig, n_rows: int, world_size: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    rows_per_step = cfg.batch_size * cfg.grad_accum * world_size
+    return max(1, math.ceil(cfg.epochs * n_rows / rows_per_step))
+
+
+# ----------------------------------------------------------------------------- training loop
+
+def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[Row], info=None) -> dict:
+    """Run SFT on already tokenised single-example ``rows``; returns the final trainer state.
+
+    ``info`` is a ``grpo.distributed.DistInfo`` (None = single process). The model must already be on its device
+    (and sharded, when distributed); checkpoints go to ``cfg.out_dir``.
+    """
+    from grpo.checkpoint import (grads_are_finite, install_sigterm_handler, latest_checkpoint, load_checkpoint,
+                                 save_checkpoint)
+    from grpo.distributed import all_reduce_sum, is_main
+    from grpo.optim import build_optimizer, build_scheduler
+
+    world = info.world_size if info is not None else 1
+    rank = info.rank if info is not None else 0
+    cfg.validate(world)
+    if not rows:
+        raise ValueError("no training rows: every example was dropped or the data is empty")
+    data = pack_rows(rows, cfg.max_len) if cfg.packing else list(rows)
+    rows_per_rank_step = cfg.batch_size * cfg.grad_accum
+    n_steps = total_steps(cfg, len(data), world)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = build_optimizer(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, n_steps, cfg.warmup_ratio, cfg.lr_scheduler)
+
+    run_dir = Path(cfg.out_dir)
+    state = {"step": 0}
+    ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else (None if cfg.resume == "none" else cfg.resume)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, info=info)
+    stop = install_sigterm_handler()
+
+    main = is_main()
+    writer, bar = None, None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        writer = SummaryWriter(str(run_dir / "tb"))
+        bar = tqdm(total=n_steps, initial=state["step"], desc="sft", dynamic_ncols=True)
+
+    def save(step: int) -> None:
+        save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
+                        {"step": step, "config": asdict(cfg)}, cfg.keep_last, info=info)
+
+    device = next(model.parameters()).device
+    step = state["step"]
+    while step < n_steps:
+        t0 = time.perf_counter()
+        idx = rows_for_step(len(data), step, rows_per_rank_step * world, cfg.seed)
+        mine = [data[i] for i in idx[rank * rows_per_rank_step:(rank + 1) * rows_per_rank_step]]
+        micro = [mine[m * cfg.batch_size:(m + 1) * cfg.batch_size] for m in range(cfg.grad_accum)]
+        local = torch.tensor([float(sum(r.n_targets for r in mine)), float(sum(len(r.input_ids) for r in mine))],
+                             device=device)
+        n_targets, n_tokens = all_reduce_sum(local).tolist()
+        # Gradients are averaged over ranks by FSDP/DDP, so ×world turns that mean back into the global sum.
+        scale = world / max(n_targets, 1.0)
+        nll_total = torch.zeros((), device=device)
+        for mb in micro:
+            nll, _ = completion_nll_sum(model, collate(mb, pad_id))
+            (nll * scale).backward()
+            nll_total += nll.detach()
+        loss = float(all_reduce_sum(nll_total)) / max(n_targets, 1.0)
+        finite = grads_are_finite(model)
+        grad_norm = float("nan")
+        if finite:
+            clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            optimizer.step()
+        # A non-finite gradient skips the update but not the step, so the schedule and data order stay aligned.
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        dt = time.perf_counter() - t0
+        if main:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", gnorm=f"{grad_norm:.3g}")
+            if step % cfg.log_every == 0 or step == n_steps:
+                lr = scheduler.get_last_lr()[0]
+                for k, v in {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_tokens / dt,
+                             "completion_tokens": n_targets, "skipped_nonfinite": float(not finite)}.items():
+                    writer.add_scalar(f"sft/{k}", v, step)
+        state = {"step": step, "loss": loss, "grad_norm": grad_norm}
+        if (cfg.save_every and step % cfg.save_every == 0 and step < n_steps) or stop.is_set():
+            save(step)
+        if stop.is_set():
+            break
+    if step == n_steps:
+        save(step)
+    if main:
+        bar.close()
+        writer.close()
+    return state

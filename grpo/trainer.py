@@ -1,0 +1,271 @@
+"""The GRPO loop, top to bottom.
+
+    for step in steps:
+        prompts  → engine.generate (G completions each)      # rollouts
+        rewards  → reward callables, weighted sum            # score
+        π_ref, π_old log-probs (only when needed)            # reference / old
+        advantages per group                                  # grpo.algos
+        μ epochs × mini-batches × micro-batches:              # train
+            clipped surrogate + β·KL, aggregated, backward
+            clip grad, AdamW, LR schedule
+        engine.update_weights(policy)                         # sync
+        log, samples.jsonl, eval, checkpoint
+
+Task-agnostic: prompts are dicts with ``messages`` (chat) or ``prompt`` (text) plus whatever the reward callables
+read; a reward callable is ``fn(completions: list[str], samples: list[dict]) -> list[float]``.
+
+Distributed (torchrun): every rank generates for its own slice of the step's prompts, so groups never cross ranks;
+FSDP2 averages gradients over ranks, so each rank's loss is multiplied by world_size to turn that average into the
+sum the global normaliser expects.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from grpo import algos
+from grpo.batch import RolloutBatch, collate_rollouts, completion_logprobs
+from grpo.checkpoint import (grads_are_finite, install_sigterm_handler, latest_checkpoint, load_checkpoint,
+                             save_checkpoint)
+from grpo.config import config_to_yaml
+from grpo.distributed import DistInfo, all_reduce_sum
+from grpo.grpo_config import GRPOConfig
+from grpo.optim import build_optimizer, build_scheduler
+from grpo.rollout_io import RunLogger, tokenize_prompts
+
+RewardFn = Callable[[list[str], list[dict]], list[float]]
+
+
+def score_completions(texts: list[str], samples: list[dict],
+                      reward_fns: list[tuple[str, float, RewardFn]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of every reward callable → total [N] and each callable's raw values {name: [N]}."""
+    per_fn: dict[str, torch.Tensor] = {}
+    for name, _, fn in reward_fns:
+        values = torch.tensor([float(v) for v in fn(texts, samples)], dtype=torch.float32)
+        if values.shape != (len(texts),):
+            raise ValueError(f"reward {name!r} returned {tuple(values.shape)} values for {len(texts)} completions")
+        algos.check_finite(f"reward {name!r}", values)
+        per_fn[name] = values
+    total = sum(w * per_fn[name] for name, w, _ in reward_fns)
+    return total, per_fn
+
+
+def global_advantages(rewards: torch.Tensor, cfg: GRPOConfig, info: DistInfo) -> torch.Tensor:
+    """Advantages for this rank's rows. Groups live on one rank; only scale="batch" needs every rank's rewards."""
+    if cfg.adv_scale != "batch" or info.world_size == 1:
+        return algos.group_advantages(rewards, cfg.group_size, cfg.adv_scale)
+    everyone = [torch.empty_like(rewards) for _ in range(info.world_size)]
+    dist.all_gather(everyone, rewards)
+    adv = algos.group_advantages(torch.cat(everyone), cfg.group_size, cfg.adv_scale)
+    return adv.chunk(info.world_size)[info.rank]
+
+
+def step_prompt_indices(step: int, cfg: GRPOConfig, n_prompts: int, info: DistInfo) -> list[int]:
+    """This rank's prompts for ``step``: a seeded permutation per epoch, so a resumed run sees the same order."""
+    out = []
+    for pos in range(step * cfg.prompts_per_step, (step + 1) * cfg.prompts_per_step):
+        epoch, i = divmod(pos, n_prompts)
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        out.append(int(perm[i]))
+    per_rank = cfg.prompts_per_step // info.world_size
+    return out[info.rank * per_rank:(info.rank + 1) * per_rank]
+
+
+@torch.no_grad()
+def frozen_logprobs(model: torch.nn.Module, batch: RolloutBatch, cfg: GRPOConfig) -> torch.Tensor:
+    """Log-probs of the completions under a model that is not being differentiated (π_old or π_ref), [N, C]."""
+    parts = [completion_logprobs(model, batch.select(slice(i, i + cfg.micro_batch_size)), cfg.temperature)[0]
+             for i in range(0, len(batch), cfg.micro_batch_size)]
+    return torch.cat(parts).float().cpu()
+
+
+def policy_update(policy, optimizer, scheduler, batch: RolloutBatch, advantages: torch.Tensor,
+                  loss_mask: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                  cfg: GRPOConfig, info: DistInfo) -> dict[str, float]:
+    """μ epochs over the rollouts, one optimizer update per mini-batch. Returns metrics averaged over updates.
+
+    ``loss_mask`` [N, C] is the completion mask with masked-out rows (truncated, zero-variance groups) zeroed; the
+    aggregation normaliser of each mini-batch is its mask total summed over micro-batches AND ranks, so the gradient
+    does not depend on how the mini-batch is split.
+    """
+    n = len(batch)
+    mini = n // cfg.num_mini_batches
+    sums: dict[str, float] = {}
+    updates = 0
+    device = next(policy.parameters()).device
+    for epoch in range(cfg.mu):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919 * epoch)) \
+            if cfg.num_mini_batches > 1 else torch.arange(n)
+        for m in range(cfg.num_mini_batches):
+            rows = order[m * mini:(m + 1) * mini]
+            num_tokens = all_reduce_sum(float(loss_mask[rows].sum()))
+            num_seqs = all_reduce_sum(float((loss_mask[rows].sum(-1) > 0).sum()))
+            metrics: dict[str, float] = {}
+            for start in range(0, len(rows), cfg.micro_batch_size):
+                idx = rows[start:start + cfg.micro_batch_size]
+                mb = batch.select(idx)
+                mask = loss_mask[idx].to(device)
+                logp, entropy = completion_logprobs(policy, mb, cfg.temperature, with_entropy=True)
+                old = old_logp[idx].to(device) if old_logp is not None else logp.detach()
+                per_token, pm = algos.policy_loss(logp, old, advantages[idx].to(device), mask,
+                                                  cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+                if cfg.rollout_correction != "none":
+                    weights, cm = algos.rollout_correction_weights(
+                        old, mb.rollout_logprobs.to(device), mask, cfg.rollout_correction,
+                        cfg.rollout_correction_mode, cfg.rollout_correction_threshold)
+                    per_token = per_token * weights
+                    pm.update({f"correction/{k}": v for k, v in cm.items()})
+                if ref_logp is not None and not cfg.kl_in_reward:
+                    kl = algos.kl_penalty(logp, ref_logp[idx].to(device), cfg.kl_estimator)
+                    per_token = per_token + cfg.beta * kl
+                    pm["kl"] = algos.masked_mean(kl.detach(), mask)
+                loss = algos.aggregate_loss(per_token, mask, cfg.loss_agg, num_tokens=num_tokens,
+                                            num_seqs=num_seqs, max_len=cfg.max_completion_len)
+                (loss * info.world_size).backward()
+                pm["loss"] = loss.detach() * info.world_size
+                pm["entropy"] = algos.masked_mean(entropy, mask)
+                share = float(mask.sum()) / max(num_tokens / info.world_size, 1.0)
+                for k, v in pm.items():
+                    metrics[k] = metrics.get(k, 0.0) + float(v) * (1.0 if k == "loss" else share)
+            if grads_are_finite(policy):
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                metrics["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                                             else grad_norm)
+                optimizer.step()
+                scheduler.step()
+            else:
+                metrics["skipped_updates"] = 1.0
+            optimizer.zero_grad(set_to_none=True)
+            updates += 1
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+    return {k: v / updates for k, v in sums.items()}
+
+
+def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dict],
+          reward_fns: list[tuple[str, float, RewardFn]], info: DistInfo, engine, ref_model=None,
+          eval_fn: Callable[[int], dict[str, float]] | None = None) -> list[dict]:
+    """Run ``cfg.total_steps`` GRPO steps; returns the per-step metrics (also logged). See the module docstring."""
+    cfg.validate(info.world_size)
+    if cfg.beta > 0 and ref_model is None:
+        raise ValueError("beta > 0 needs a reference model (pass ref_model); beta = 0 never builds one")
+    run_dir = Path(cfg.out_dir)
+    prompt_ids, prompts, n_dropped = tokenize_prompts(tokenizer, prompts, cfg.max_prompt_len)
+    if not prompts:
+        raise ValueError(f"every prompt is longer than max_prompt_len={cfg.max_prompt_len}")
+    total_updates = cfg.total_steps * cfg.mu * cfg.num_mini_batches
+    optimizer = build_optimizer(policy, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, total_updates, cfg.warmup_ratio, cfg.lr_scheduler)
+
+    start_step = 0
+    ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else (None if cfg.resume == "none" else Path(cfg.resume))
+    if ckpt is not None:
+        start_step = int(load_checkpoint(ckpt, policy, optimizer, scheduler, info)["step"])
+        engine.update_weights(policy)
+    logger = RunLogger(run_dir, info.rank == 0, total=cfg.total_steps, initial=start_step)
+    if info.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        logger.note(f"{len(prompts)} prompts ({n_dropped} dropped: longer than {cfg.max_prompt_len} tokens); "
+                    f"resuming at step {start_step}" if ckpt else f"{len(prompts)} prompts, {n_dropped} dropped")
+    stop_requested = install_sigterm_handler()
+    history: list[dict] = []
+    if eval_fn is not None and cfg.eval_limit > 0 and start_step == 0:
+        logger.scalars(0, {f"eval/{k}": v for k, v in eval_fn(0).items()})
+
+    for step in range(start_step, cfg.total_steps):
+        times: dict[str, float] = {}
+        t = time.perf_counter()
+
+        # 1. Rollouts: G completions for each of this rank's prompts.
+        local = step_prompt_indices(step, cfg, len(prompts), info)
+        policy.eval()
+        rollouts = engine.generate([prompt_ids[i] for i in local], n=cfg.group_size,
+                                   max_new_tokens=cfg.max_completion_len, temperature=cfg.temperature,
+                                   top_p=cfg.top_p, stop=cfg.stop or None,
+                                   seed=cfg.seed * 1_000_003 + step * info.world_size + info.rank)
+        policy.train()
+        times["generate"] = time.perf_counter() - t
+        t = time.perf_counter()
+
+        # 2. Score with the reward callables (the task's code; model output never reaches the loss unscored).
+        samples = [prompts[i] for i in local for _ in range(cfg.group_size)]
+        texts = [r.text for r in rollouts]
+        rewards, per_fn = score_completions(texts, samples, reward_fns)
+        lengths = torch.tensor([len(r.completion_ids) for r in rollouts], dtype=torch.float32)
+        truncated = torch.tensor([r.finish_reason == "length" for r in rollouts])
+        if cfg.overlong_buffer > 0:
+            rewards = rewards + algos.overlong_penalty(lengths, cfg.max_completion_len, cfg.overlong_buffer,
+                                                       cfg.overlong_penalty)
+        batch = collate_rollouts([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts],
+                                 [r.logprobs for r in rollouts], tokenizer.pad_token_id)
+        times["score"] = time.perf_counter() - t
+        t = time.perf_counter()
+
+        # 3. Reference and old log-probs, only when the configuration needs them.
+        ref_logp = frozen_logprobs(ref_model, batch, cfg) if cfg.beta > 0 else None
+        if cfg.kl_in_reward:
+            kl_seq = (algos.kl_penalty(batch.rollout_logprobs, ref_logp, "k1") * batch.completion_mask).sum(-1)
+            rewards = rewards - cfg.beta * kl_seq
+        old_logp = frozen_logprobs(policy, batch, cfg) if cfg.needs_old_logprobs else None
+        times["reference"] = time.perf_counter() - t
+        t = time.perf_counter()
+
+        # 4. Advantages; rows that must not train (truncated, zero-variance groups) get a zero loss mask.
+        advantages = global_advantages(rewards, cfg, info)
+        zero_std = algos.zero_variance_groups(rewards, cfg.group_size)
+        keep = torch.ones(len(rollouts))
+        if cfg.dynamic_sampling:
+            keep = keep * (~zero_std).repeat_interleave(cfg.group_size).float()
+        if cfg.mask_truncated:
+            keep = keep * algos.truncation_mask(truncated)
+        loss_mask = batch.completion_mask * keep[:, None]
+
+        # 5. μ epochs of clipped-surrogate updates.
+        train_metrics = policy_update(policy, optimizer, scheduler, batch, advantages, loss_mask, old_logp,
+                                      ref_logp, cfg, info)
+        times["train"] = time.perf_counter() - t
+        t = time.perf_counter()
+
+        # 6. Hand the new weights to the engine.
+        engine.update_weights(policy)
+        times["sync"] = time.perf_counter() - t
+
+        # 7. Log, evaluate, checkpoint.
+        metrics = {"reward/mean": rewards.mean(), "reward/std": rewards.std() if len(rewards) > 1 else 0.0,
+                   "frac_reward_zero_std": zero_std.float().mean(),
+                   "completion/len_mean": lengths.mean(), "completion/len_max": lengths.max(),
+                   "completion/truncated_frac": truncated.float().mean(),
+                   "lr": scheduler.get_last_lr()[0],
+                   **{f"reward/{k}": v.mean() for k, v in per_fn.items()},
+                   **{f"train/{k}": v for k, v in train_metrics.items()},
+                   **{f"time/{k}": v for k, v in times.items()}}
+        if old_logp is not None:
+            gap = (old_logp - batch.rollout_logprobs).abs() * batch.completion_mask
+            metrics["engine_logprob_gap/mean"] = gap.sum() / batch.completion_mask.sum().clamp(min=1)
+            metrics["engine_logprob_gap/max"] = gap.max()
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if info.world_size > 1:  # average over ranks (max-type metrics become means of per-rank maxima)
+            metrics = {k: all_reduce_sum(v) / info.world_size for k, v in metrics.items()}
+        metrics["tokens_per_s"] = metrics["completion/len_mean"] * len(rollouts) * info.world_size / max(
+            sum(times.values()), 1e-9)
+        history.append({"step": step + 1, **metrics})
+        logger.step(step + 1, metrics, samples[:cfg.sample_log_count], rollouts[:cfg.sample_log_count],
+                    rewards[:cfg.sample_log_count].tolist())
+        done = step + 1 == cfg.total_steps
+        if eval_fn is not None and cfg.eval_limit > 0 and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            logger.scalars(step + 1, {f"eval/{k}": v for k, v in eval_fn(step + 1).items()})
+        if done or (step + 1) % cfg.save_every == 0 or stop_requested():
+            save_checkpoint(run_dir, step + 1, policy, tokenizer, optimizer, scheduler,
+                            {"step": step + 1, "config": config_to_yaml(cfg)}, cfg.keep_last, info)
+        if stop_requested():
+            logger.note(f"SIGTERM: saved step {step + 1} and stopped")
+            break
+    logger.close()
+    return history

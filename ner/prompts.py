@@ -1,0 +1,246 @@
+"""Prompt records for the two NER answer formats.
+
+``tagged`` (the blog "Reinforcement Learning meets NER"): one prompt per (sentence, entity type); the answer is
+    <think>reasoning</think> <entity>A, B</entity>          (no entity: <entity></entity>)
+  Entity texts are joined with ", ", so a text that itself contains ", " cannot be told apart from two texts
+  ("Washington , D.C." reads back as "Washington" and "D.C."). It hits 115 of the 66,182 entities in
+  /work/shared/data (0.17%); we keep the blog's format and accept that ambiguity. Because the list carries no
+  counts either, a tagged record's gold is de-duplicated (the format cannot say "Japan" twice).
+``json`` (ReasoningNER): one prompt per sentence asking for every type at once; the answer is
+    <think>reasoning</think>
+    {"entities": {"person": ["A"], "location": []}}
+  with every asked type as a key. Duplicate texts are kept: the JSON list can express them.
+
+A record is a plain dict, because the trainer is task-agnostic and only hands records to reward callables:
+  {"messages": [system, user], "target": answer without think, "gold": {type: [texts]}, "types": [asked types],
+   "format": fmt, "sentence_id": str, "sentence": str}
+The caller renders ``messages`` with the tokenizer's chat template (``render_prompt``). Prompts are kept short
+on purpose: SmolLM2 has a small context and CPU generation is slow.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+from ner.types import NERDataset, Sentence
+
+FORMATS = ("tagged", "json")
+
+_SYSTEM = {
+    "tagged": ("You are an expert at named entity recognition. Reason briefly inside <think></think>, then "
+               "list the entities of the asked type inside <entity></entity>, separated by \", \". "
+               "Write <entity></entity> when there are none."),
+    "json": ("You are an expert at named entity recognition. Reason briefly inside <think></think>, then "
+             "answer with one JSON object {\"entities\": {type: [entity texts]}} that has every listed type "
+             "as a key (an empty list when there are none)."),
+}
+
+# (article, singular, plural) used by the template rationale. Unknown types fall back to "<type> entity".
+_TYPE_NOUNS: dict[str, tuple[str, str, str]] = {
+    "person": ("a", "person", "people"),
+    "location": ("a", "location", "locations"),
+    "organisation": ("an", "organisation", "organisations"),
+    "misc": ("a", "miscellaneous entity", "miscellaneous entities"),
+    "country": ("a", "country", "countries"),
+    "university": ("a", "university", "universities"),
+    "field": ("a", "field of study", "fields of study"),
+    "metrics": ("an", "evaluation metric", "evaluation metrics"),
+    "programlang": ("a", "programming language", "programming languages"),
+    "literarygenre": ("a", "literary genre", "literary genres"),
+    "musicalartist": ("a", "musical artist", "musical artists"),
+    "musicalinstrument": ("a", "musical instrument", "musical instruments"),
+    "musicgenre": ("a", "music genre", "music genres"),
+    "politicalparty": ("a", "political party", "political parties"),
+    "academicjournal": ("an", "academic journal", "academic journals"),
+    "astronomicalobject": ("an", "astronomical object", "astronomical objects"),
+    "chemicalcompound": ("a", "chemical compound", "chemical compounds"),
+    "chemicalelement": ("a", "chemical element", "chemical elements"),
+    "discipline": ("a", "scientific discipline", "scientific disciplines"),
+    "theory": ("a", "theory", "theories"),
+    "researcher": ("a", "researcher", "researchers"),
+    "algorithm": ("an", "algorithm", "algorithms"),
+    "event": ("an", "event", "events"),
+    "award": ("an", "award", "awards"),
+    "album": ("an", "album", "albums"),
+    "enzyme": ("an", "enzyme", "enzymes"),
+}
+
+
+def _type_nouns(entity_type: str) -> tuple[str, str, str]:
+    if entity_type in _TYPE_NOUNS:
+        return _TYPE_NOUNS[entity_type]
+    # Most CrossNER types are plain English nouns (band, book, song, writer, ...): regular plural.
+    if entity_type.isalpha() and entity_type.islower() and len(entity_type) <= 12:
+        return ("an" if entity_type[0] in "aeio" else "a", entity_type, entity_type + "s")
+    return ("a", f"{entity_type} entity", f"{entity_type} entities")
+
+
+def _dedupe(texts: list[str]) -> list[str]:
+    return list(dict.fromkeys(texts))
+
+
+def _join_words(words: list[str], conj: str) -> str:
+    """'A', 'A and B', 'A, B and C' (conj = 'and' / 'or')."""
+    if len(words) <= 1:
+        return "".join(words)
+    return ", ".join(words[:-1]) + f" {conj} " + words[-1]
+
+
+def template_rationale(sentence: Sentence, types: list[str]) -> str:
+    """A deterministic one-to-three-sentence rationale built from the gold labels of ``sentence``.
+
+    Used for few-shot answers, as the offline CoT fallback for SFT, and in tests. Example:
+    'The sentence mentions "Japan" and "Syria", which name locations. It mentions no person.'
+    """
+    gold = sentence.gold(types)
+    found, missing = [], []
+    for t in types:
+        texts = _dedupe(gold.get(t, []))
+        article, singular, plural = _type_nouns(t)
+        if not texts:
+            missing.append(singular)
+        elif len(texts) == 1:
+            found.append(f"\"{texts[0]}\", which names {article} {singular}")
+        else:
+            found.append(_join_words([f'"{x}"' for x in texts], "and") + f", which name {plural}")
+    if not found:
+        return f"The sentence mentions no {_join_words(missing, 'or')}."
+    text = "The sentence mentions " + "; ".join(found) + "."
+    if missing:
+        text += f" It mentions no {_join_words(missing, 'or')}."
+    return text
+
+
+def format_target(gold: dict[str, list[str]], fmt: str, types: list[str]) -> str:
+    """The answer block alone (no think): ``<entity>A, B</entity>`` or the JSON object."""
+    _check_format(fmt)
+    if fmt == "tagged":
+        if len(types) != 1:
+            raise ValueError(f"the tagged format asks for exactly one type per prompt, got {types}")
+        return "<entity>" + ", ".join(_dedupe(gold.get(types[0], []))) + "</entity>"
+    return json.dumps({"entities": {t: list(gold.get(t, [])) for t in types}}, ensure_ascii=False)
+
+
+def format_answer(gold: dict[str, list[str]], fmt: str, types: list[str], think: str = "") -> str:
+    """A full answer: think block, separator (a space for tagged, a newline for json), answer block."""
+    sep = " " if fmt == "tagged" else "\n"
+    return f"<think>{think}</think>{sep}{format_target(gold, fmt, types)}"
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown prompt format {fmt!r}; expected one of {FORMATS}")
+
+
+class _FewShotSampler:
+    """Deterministic few-shot picks from a pool, preferring sentences that hold an entity of the asked types.
+
+    Picks depend only on (seed, sentence_id, key), never on call order, so a record is reproducible alone.
+    Indices of candidates are precomputed once per key because pools are large (14k CoNLL train sentences).
+    """
+
+    def __init__(self, pool: NERDataset, seed: int):
+        self.pool = pool
+        self.seed = seed
+        self._with_type: dict[str, list[int]] = {}
+        for i, s in enumerate(pool.sentences):
+            for t in {e.type for e in s.entities}:
+                self._with_type.setdefault(t, []).append(i)
+        self._cache: dict[tuple[str, ...], list[int]] = {}
+
+    def _preferred(self, types: list[str]) -> list[int]:
+        key = tuple(types)
+        if key not in self._cache:
+            self._cache[key] = sorted({i for t in types for i in self._with_type.get(t, [])})
+        return self._cache[key]
+
+    def pick(self, k: int, sentence: Sentence, sentence_id: str, types: list[str]) -> list[Sentence]:
+        # str seeds are hashed with sha512 by `random`, so this is stable across processes and PYTHONHASHSEED.
+        rng = random.Random(f"{self.seed}|{sentence_id}|{'|'.join(types)}")
+        chosen: list[int] = []
+
+        def usable(i: int) -> bool:
+            other = self.pool.sentences[i]
+            # Never show the sentence itself, nor a duplicate of its text (CoNLL repeats texts across splits).
+            same = (sentence.id and other.id == sentence.id) or other.tokens == sentence.tokens
+            return i not in chosen and not same
+
+        for candidates in (self._preferred(types), range(len(self.pool.sentences))):
+            n = len(candidates)
+            tries = 0
+            while len(chosen) < k and tries < 8 * k + 16 and n:
+                tries += 1
+                i = candidates[rng.randrange(n)]
+                if usable(i):
+                    chosen.append(i)
+            # Rejection sampling can miss in tiny pools; finish with a deterministic scan.
+            for i in candidates:
+                if len(chosen) >= k:
+                    break
+                if usable(i):
+                    chosen.append(i)
+        return [self.pool.sentences[i] for i in chosen]
+
+
+def _describe_types(dataset: NERDataset, types: list[str]) -> str:
+    return "\n".join(f"- {t}: {dataset.descriptions.get(t, t + ' entities')}" for t in types)
+
+
+def _user_message(dataset: NERDataset, fmt: str, types: list[str], sentence: Sentence,
+                  examples: list[Sentence]) -> str:
+    if fmt == "tagged":
+        t = types[0]
+        head = f"Entity type: {t}. Definition: {dataset.descriptions.get(t, t + ' entities')}"
+    else:
+        head = "Entity types:\n" + _describe_types(dataset, types)
+    parts = [head]
+    for ex in examples:
+        answer = format_answer(ex.gold(types), fmt, types, template_rationale(ex, types))
+        parts.append(f"Example sentence: {ex.text}\nExample answer: {answer}")
+    parts.append(f"Sentence: {sentence.text}")
+    return "\n\n".join(parts)
+
+
+def build_prompts(dataset: NERDataset, fmt: str, k_shot: int = 2, seed: int = 0,
+                  fewshot_pool: NERDataset | None = None, types: list[str] | None = None) -> list[dict]:
+    """One record per (sentence, type) for ``tagged``, one per sentence for ``json``; see the module docstring.
+
+    ``fewshot_pool`` (normally the train split) is required when ``k_shot > 0``. ``types`` defaults to the
+    dataset's schema and must be a subset of it.
+    """
+    _check_format(fmt)
+    types = list(dataset.types if types is None else types)
+    unknown = [t for t in types if t not in dataset.types]
+    if unknown:
+        raise ValueError(f"types {unknown} are not in the schema of {dataset.name}/{dataset.split}: "
+                         f"{dataset.types}")
+    if k_shot < 0:
+        raise ValueError(f"k_shot must be >= 0, got {k_shot}")
+    if k_shot > 0 and fewshot_pool is None:
+        raise ValueError(f"k_shot={k_shot} needs a fewshot_pool (normally the train split)")
+    sampler = _FewShotSampler(fewshot_pool, seed) if k_shot > 0 else None
+    groups = [[t] for t in types] if fmt == "tagged" else [types]
+
+    records = []
+    for index, sentence in enumerate(dataset.sentences):
+        sentence_id = sentence.id or f"{dataset.name}/{dataset.split}/{index}"
+        full_gold = sentence.gold(types)
+        for asked in groups:
+            gold = {t: (_dedupe if fmt == "tagged" else list)(full_gold.get(t, [])) for t in asked}
+            examples = sampler.pick(k_shot, sentence, sentence_id, asked) if sampler else []
+            records.append({
+                "messages": [{"role": "system", "content": _SYSTEM[fmt]},
+                             {"role": "user", "content": _user_message(dataset, fmt, asked, sentence, examples)}],
+                "target": format_target(gold, fmt, asked),
+                "gold": gold,
+                "types": list(asked),
+                "format": fmt,
+                "sentence_id": sentence_id,
+                "sentence": sentence.text,
+            })
+    return records
+
+
+def render_prompt(tokenizer, record: dict) -> str:
+    """The prompt text the policy continues: the chat template with the assistant turn opened."""
+    return tokenizer.apply_chat_template(record["messages"], add_generation_prompt=True, tokenize=False)

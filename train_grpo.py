@@ -1,0 +1,73 @@
+"""GRPO for reasoning-NER: parse config → build parts → grpo.trainer.train.
+
+    python train_grpo.py --config configs/grpo_smollm2_conll.yaml
+    torchrun --nproc_per_node=2 train_grpo.py --config configs/grpo_smollm2_conll.yaml --total_steps 5
+Every config field is also a command-line flag (``--help`` lists them).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from grpo.config import parse_config
+from grpo.distributed import cleanup, init_distributed, shard_model
+from grpo.engine_factory import build_engine
+from grpo.grpo_config import GRPOConfig, _f
+from grpo.models import load_model_and_tokenizer, load_model
+from grpo.trainer import train
+from ner.data import load_ner_dataset
+from ner.evaluation import make_eval_fn
+from ner.prompts import build_prompts
+from ner.rewards import build_reward_fns
+
+
+@dataclass
+class NERGRPOConfig(GRPOConfig):
+    dataset: str = _f("conll2003", "training set: a registered name (conll2003, crossner_ai, …) or a data file")
+    split: str = _f("train", "training split")
+    data_dir: str | None = _f(None, "data folder (default $NER_DATA_DIR or ../shared/data)")
+    limit: int = _f(0, "use the first N training sentences (0 = all)")
+    format: str = _f("tagged", "tagged (blog: one prompt per type) | json (ReasoningNER: all types at once)")
+    k_shot: int = _f(2, "few-shot examples per prompt, drawn from the training split")
+    prompt_seed: int = _f(0, "seed of the few-shot example choice")
+    ref_model: str | None = _f(None, "reference model (default: the initial policy, i.e. --model)")
+    eval_dataset: str = _f("conll2003", "dev set for periodic evaluation")
+    eval_split: str = _f("dev", "split of eval_dataset")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(NERGRPOConfig, argv)
+    info = init_distributed()
+    torch.manual_seed(cfg.seed)
+
+    policy, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, info.device)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    policy = shard_model(policy, info)
+    ref_model = None
+    if cfg.beta > 0:  # β = 0: no reference model is ever built
+        ref_model = shard_model(load_model(cfg.ref_model or cfg.model, cfg.dtype, info.device), info)
+        ref_model.eval().requires_grad_(False)
+    engine = build_engine(cfg.engine, policy, tokenizer, max_batch_tokens=cfg.max_batch_tokens,
+                          max_model_len=cfg.max_prompt_len + cfg.max_completion_len,
+                          kv_cache_gib=cfg.vllm_kv_cache_gib,
+                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
+
+    data = load_ner_dataset(cfg.dataset, cfg.split, cfg.data_dir)
+    if cfg.limit:
+        data.sentences = data.sentences[:cfg.limit]
+    prompts = build_prompts(data, cfg.format, k_shot=cfg.k_shot, seed=cfg.prompt_seed,
+                            fewshot_pool=load_ner_dataset(cfg.dataset, "train", cfg.data_dir))
+    reward_fns = build_reward_fns(cfg.reward_weights)
+    eval_fn = make_eval_fn(engine, tokenizer, cfg.eval_dataset, cfg.eval_split, cfg.eval_limit, cfg.format,
+                           cfg.k_shot, cfg.prompt_seed, cfg.max_completion_len, cfg.data_dir,
+                           stop=cfg.stop or None) if cfg.eval_limit > 0 else None
+
+    train(cfg, policy, tokenizer, prompts, reward_fns, info, engine, ref_model=ref_model, eval_fn=eval_fn)
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
