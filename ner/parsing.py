@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ENTITY_OPEN, ENTITY_CLOSE = "<entity>", "</entity>"
 # End-of-turn markers a decoder may leave in the text when special tokens are not skipped; not "substantive".
-_END_MARKERS = re.compile(r"(?:\s*(?:<\|im_end\|>|<\|endoftext\|>|<\|eot_id\|>|</s>))+\s*$")
+_END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
 _FENCE_OPEN = re.compile(r"^```[A-Za-z]*\s*")
 
 
@@ -29,12 +29,23 @@ class Parsed:
     errors: list[str] = field(default_factory=list)
 
 
+def _strip_end_markers(text: str) -> str:
+    # A loop, not a regex: a regex anchored at "$" with \s* is quadratic on long whitespace runs, and
+    # degenerate generations produce exactly those.
+    stripped = text.rstrip()
+    while True:
+        marker = next((m for m in _END_MARKERS if stripped.endswith(m)), None)
+        if marker is None:
+            return stripped
+        stripped = stripped[: -len(marker)].rstrip()
+
+
 def parse_completion(text: str, fmt: str, types: list[str]) -> Parsed:
     """Parse one completion of format ``tagged`` or ``json`` asked about ``types``."""
     try:
         if not isinstance(text, str):
             return Parsed(errors=[f"completion is {type(text).__name__}, not str"])
-        text = _END_MARKERS.sub("", text)
+        text = _strip_end_markers(text)
         if fmt == "tagged":
             return _parse_tagged(text, list(types))
         if fmt == "json":
@@ -90,7 +101,7 @@ def _parse_tagged(text: str, types: list[str]) -> Parsed:
     n_open, n_close = rest.count(ENTITY_OPEN), rest.count(ENTITY_CLOSE)
     start = rest.find(ENTITY_OPEN)
     end = rest.find(ENTITY_CLOSE, start + len(ENTITY_OPEN)) if start >= 0 else -1
-    truncated = think_ok is False and THINK_OPEN in text and THINK_CLOSE not in text
+    truncated = THINK_OPEN in text and THINK_CLOSE not in text
 
     answer_ok, schema_ok, content = True, False, None
     if start < 0:
@@ -136,13 +147,33 @@ def _parse_tagged(text: str, types: list[str]) -> Parsed:
                   errors=errors)
 
 
+def _is_open_prefix(text: str) -> bool:
+    """Does ``text`` end inside a string or with unclosed brackets? (the generation stopped mid-object)"""
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return False
+    return in_string or depth > 0
+
+
 def _find_json_object(rest: str, errors: list[str]) -> tuple[object | None, bool]:
     """Decode the first JSON value starting at the first '{' of ``rest``; (value or None, clean layout)."""
     start = rest.find("{")
     if start < 0:
         errors.append("missing JSON answer")
-        if rest.strip().startswith("```") or not rest.strip():
-            errors.append("truncated") if rest.strip() else None
         return None, False
     clean = True
     lead = rest[:start].strip()
@@ -157,8 +188,7 @@ def _find_json_object(rest: str, errors: list[str]) -> tuple[object | None, bool
         value, stop = json.JSONDecoder().raw_decode(rest, start)
     except (ValueError, RecursionError) as exc:
         errors.append(f"answer is not valid JSON: {exc}")
-        # Decoding ran off the end of the text: the generation stopped mid-object.
-        if isinstance(exc, json.JSONDecodeError) and exc.pos >= len(rest.rstrip()):
+        if _is_open_prefix(rest[start:]):
             errors.append("truncated")
         return None, False
     trailing = rest[stop:].strip()
@@ -199,10 +229,7 @@ def _parse_json(text: str, types: list[str]) -> Parsed:
     if THINK_OPEN in text and THINK_CLOSE not in text and "{" not in rest:
         errors.append("truncated")
     value, layout_ok = _find_json_object(rest, errors)
-    if value is None:
-        return Parsed(think=think, errors=errors)
-    if not isinstance(value, dict):
-        errors.append(f"answer is a JSON {type(value).__name__}, not an object")
+    if not isinstance(value, dict):  # None: nothing decodable (raw_decode from a '{' only yields objects)
         return Parsed(think=think, errors=errors)
 
     schema_ok = True

@@ -132,26 +132,36 @@ def _check_format(fmt: str) -> None:
         raise ValueError(f"unknown prompt format {fmt!r}; expected one of {FORMATS}")
 
 
+# Few-shot examples longer than this (in tokens) are used only when no shorter one holds the type: a CoNLL
+# sentence averages 14 tokens, and long examples would double the prompt for little extra signal.
+FEWSHOT_MAX_TOKENS = 32
+
+
 class _FewShotSampler:
-    """Deterministic few-shot picks from a pool, preferring sentences that hold an entity of the asked types.
+    """Deterministic few-shot picks from a pool, preferring short sentences that hold an entity of the asked
+    types, then longer ones that hold one, then any sentence.
 
     Picks depend only on (seed, sentence_id, key), never on call order, so a record is reproducible alone.
     Indices of candidates are precomputed once per key because pools are large (14k CoNLL train sentences).
     """
 
-    def __init__(self, pool: NERDataset, seed: int):
+    def __init__(self, pool: NERDataset, seed: int, max_tokens: int = FEWSHOT_MAX_TOKENS):
         self.pool = pool
         self.seed = seed
+        self.max_tokens = max_tokens
         self._with_type: dict[str, list[int]] = {}
         for i, s in enumerate(pool.sentences):
             for t in {e.type for e in s.entities}:
                 self._with_type.setdefault(t, []).append(i)
-        self._cache: dict[tuple[str, ...], list[int]] = {}
+        self._cache: dict[tuple[str, ...], list[list[int]]] = {}
 
-    def _preferred(self, types: list[str]) -> list[int]:
+    def _tiers(self, types: list[str]) -> list[list[int]]:
+        """Candidate lists in order of preference: short holders of a type, any holder, any sentence."""
         key = tuple(types)
         if key not in self._cache:
-            self._cache[key] = sorted({i for t in types for i in self._with_type.get(t, [])})
+            holders = sorted({i for t in types for i in self._with_type.get(t, [])})
+            short = [i for i in holders if len(self.pool.sentences[i].tokens) <= self.max_tokens]
+            self._cache[key] = [short, holders, list(range(len(self.pool.sentences)))]
         return self._cache[key]
 
     def pick(self, k: int, sentence: Sentence, sentence_id: str, types: list[str]) -> list[Sentence]:
@@ -165,7 +175,7 @@ class _FewShotSampler:
             same = (sentence.id and other.id == sentence.id) or other.tokens == sentence.tokens
             return i not in chosen and not same
 
-        for candidates in (self._preferred(types), range(len(self.pool.sentences))):
+        for candidates in self._tiers(types):
             n = len(candidates)
             tries = 0
             while len(chosen) < k and tries < 8 * k + 16 and n:

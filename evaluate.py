@@ -1,0 +1,94 @@
+"""Measure reasoning-NER F1 of a causal LM: generate → parse → score → report.json + report.md.
+
+    python evaluate.py --model smollm2-135m-instruct --dataset conll2003 --split test --limit 500 --format tagged
+    python evaluate.py --model runs/grpo/checkpoint-0000020 --dataset crossner_ai,crossner_music --format json
+Several datasets give one table with a row per dataset and their average.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from grpo.config import parse_config
+from grpo.engine_factory import build_engine
+from grpo.models import load_model_and_tokenizer
+from ner.evaluation import evaluate_dataset
+from ner.metrics import format_table
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class EvalConfig:
+    model: str = _f("smollm2-135m-instruct", "model: local folder / checkpoint, hub id, or smollm2-135m-instruct")
+    dataset: list[str] = field(default_factory=lambda: ["conll2003"],
+                               metadata={"help": "one or more registered names or data files (comma-separated)"})
+    split: str = _f("test", "split to evaluate")
+    limit: int = _f(500, "first N sentences of each dataset (0 = all)")
+    format: str = _f("tagged", "tagged (one prompt per type) | json (all types at once)")
+    k_shot: int = _f(2, "few-shot examples per prompt, from the train split")
+    prompt_seed: int = _f(0, "seed of the few-shot example choice")
+    max_new_tokens: int = _f(256, "generation budget per answer")
+    temperature: float = _f(0.0, "0 = greedy")
+    batch_size: int = _f(32, "prompts per engine call")
+    engine: str = _f("torch", "torch | vllm | auto")
+    max_batch_tokens: int = _f(65536, "torch engine memory bound")
+    match: str = _f("exact", "span matching: exact | normalized (UniversalNER-style)")
+    dtype: str = _f("float32", "model dtype")
+    data_dir: str | None = _f(None, "data folder (default $NER_DATA_DIR or ../shared/data)")
+    out_dir: str = _f("outputs/eval", "where report.json and report.md go")
+    samples: int = _f(10, "sample outputs shown in report.md")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(EvalConfig, argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, device)
+    model.eval()
+    engine = build_engine(cfg.engine, model, tokenizer, max_batch_tokens=cfg.max_batch_tokens)
+    results, md = {}, [f"# Evaluation of `{cfg.model}`\n",
+                       f"format `{cfg.format}`, k_shot {cfg.k_shot}, split `{cfg.split}`, limit {cfg.limit}, "
+                       f"match `{cfg.match}`, temperature {cfg.temperature}\n"]
+    for name in cfg.dataset:
+        t0 = time.perf_counter()
+        report, rows = evaluate_dataset(engine, tokenizer, name, cfg.split, cfg.limit, cfg.format, cfg.k_shot,
+                                        cfg.prompt_seed, cfg.max_new_tokens, cfg.data_dir, mode=cfg.match,
+                                        batch_size=cfg.batch_size, temperature=cfg.temperature)
+        seconds = time.perf_counter() - t0
+        table = format_table(report)
+        print(f"\n== {name} ({seconds:.0f} s)\n{table}")
+        results[name] = {"report": report.to_dict(), "seconds": seconds,
+                         "format_ok": sum(r["format_ok"] for r in rows) / max(len(rows), 1)}
+        md += [f"\n## {name}\n", table, "\n### Errors\n",
+               "\n".join(f"- {k}: {v}" for k, v in report.to_dict().get("errors", {}).items()),
+               "\n### Sample outputs\n"]
+        for r in rows[:cfg.samples]:
+            md.append(f"- **{r['sentence']}** (types {', '.join(r['types'])})\n  - gold: `{json.dumps(r['gold'])}`"
+                      f"\n  - output: `{r['completion']!r}`\n  - parsed: `{json.dumps(r['pred'])}`")
+    summary = ["| dataset | precision | recall | F1 | format ok |", "|---|---|---|---|---|"]
+    for name, res in results.items():
+        r = res["report"]
+        summary.append(f"| {name} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {res['format_ok']:.3f} |")
+    if len(results) > 1:
+        avg = {k: sum(res["report"][k] for res in results.values()) / len(results) for k in ("precision", "recall", "f1")}
+        fmt_ok = sum(res["format_ok"] for res in results.values()) / len(results)
+        summary.append(f"| **average** | {avg['precision']:.4f} | {avg['recall']:.4f} | {avg['f1']:.4f} | {fmt_ok:.3f} |")
+        results["average"] = avg
+    print("\n" + "\n".join(summary))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({"config": vars(cfg), "results": results}, indent=2))
+    (out / "report.md").write_text("\n".join(md[:2] + ["\n" + "\n".join(summary) + "\n"] + md[2:]) + "\n")
+    print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
