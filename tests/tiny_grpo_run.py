@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     cfg = parse_config(GRPOConfig, ["--reward_weights", "lowercase=1.0", "--beta", "0", "--prompts_per_step", "4",
                                     "--group_size", "4", "--max_completion_len", "12", "--micro_batch_size", "8",
-                                    "--lr", "3e-3", "--max_grad_norm", "1.0", "--warmup_ratio", "0",
+                                    "--lr", "1e-2", "--max_grad_norm", "1.0", "--warmup_ratio", "0",
                                     "--sample_log_count", "2"] + argv)
     info = init_distributed()
     tok = char_tokenizer()

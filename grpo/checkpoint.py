@@ -1,0 +1,333 @@
+"""Atomic, resumable training checkpoints that are also plain Hugging Face model folders.
+
+Layout of ``run_dir/checkpoint-{step:07d}/``::
+
+    config.json, generation_config.json, model.safetensors   full weights (HF: from_pretrained(folder) works)
+    tokenizer files                                           tokenizer.save_pretrained
+    optimizer.pt      FULL optimizer state keyed by parameter name (get_optimizer_state_dict, rank 0 writes)
+    scheduler.pt      lr scheduler state
+    rng_state_rank{R}.pt   python / numpy / torch CPU / CUDA generator states of rank R
+    trainer_state.json     {"step", "world_size", **trainer_state}; "config" when a config dataclass is passed
+    config.yaml            the run config (when passed)
+    COMPLETE               written last; a folder without it is never trusted
+
+Design choice: weights and optimizer state are saved FULL (gathered from FSDP2 to rank 0) rather than per-rank
+shards. Files are then independent of the world size -- a run saved on 2 ranks resumes on 1 or 8 -- and one file
+per kind is easy to inspect. Cost: rank 0 holds one full copy in CPU memory while saving (fine up to a few B
+params). Only the RNG states are per rank. All ranks must share the file system (single node, or a shared mount).
+
+Atomicity: everything goes into ``run_dir/.tmp-checkpoint-{step}``; files are fsynced, ``COMPLETE`` is written, and
+only then is the folder renamed to its final name. Old checkpoints are renamed away before being deleted, so a
+crash at any moment leaves either a complete checkpoint or a ``.tmp-*`` folder that ``latest_checkpoint`` removes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from grpo.config import config_to_dict, config_to_yaml
+from grpo.distributed import (DistInfo, barrier, broadcast_object, get_rank, get_world_size, grads_are_finite,
+                              is_main, is_sharded)
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "GracefulExit",
+           "install_sigterm_handler", "grads_are_finite"]
+
+COMPLETE = "COMPLETE"
+_NAME = re.compile(r"^checkpoint-(\d{7,})$")
+_TMP_PREFIX = ".tmp-"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rank_and_world(info: DistInfo | None) -> tuple[int, int]:
+    return (info.rank, info.world_size) if info is not None else (get_rank(), get_world_size())
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        if len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            warnings.warn("checkpoint CUDA RNG states are for a different device count; CUDA RNG not restored")
+
+
+def _share_tied(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Point every name of a shared (tied) parameter at ONE tensor of ``state_dict``, adding missing names.
+
+    Saving: save_pretrained then stores a tied weight once. Loading: the file holds only one name of the tie
+    (e.g. no ``lm_head.weight``), which a strict ``set_model_state_dict`` would report as missing.
+    """
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for names in names_of.values():
+        present = [n for n in names if n in state_dict]
+        if len(names) > 1 and present:
+            for name in names:
+                state_dict[name] = state_dict[present[0]]
+    return state_dict
+
+
+def _write_torch(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+    _fsync_file(path)
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of ``run_dir`` (those with a COMPLETE marker), oldest step first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(step, p) for p in run_dir.iterdir()
+             if (step := _checkpoint_step(p)) is not None and (p / COMPLETE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename ``path`` to a temp name first, so a crash mid-delete never leaves a half-deleted checkpoint."""
+    trash = path.with_name(f"{_TMP_PREFIX}delete-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path, clean_stale: bool = True) -> Path | None:
+    """The complete checkpoint with the highest step, or None.
+
+    Folders without COMPLETE are ignored. With ``clean_stale``, rank 0 deletes leftover ``.tmp-*`` folders (from a
+    crash mid-save); call it before training starts, never while another process may be saving into ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    if clean_stale and is_main() and run_dir.is_dir():
+        for path in run_dir.iterdir():
+            if path.name.startswith(_TMP_PREFIX) and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _write_rank0_files(tmp: Path, model: nn.Module, weights: dict, tokenizer, optim_state: dict | None,
+                       scheduler, state_json: str, config: Any) -> None:
+    model.save_pretrained(tmp, state_dict=_share_tied(weights, model))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if optim_state is not None:
+        _write_torch(optim_state, tmp / "optimizer.pt")
+    if scheduler is not None:
+        _write_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+    (tmp / "trainer_state.json").write_text(state_json)
+    if config is not None:
+        (tmp / "config.yaml").write_text(config_to_yaml(config))
+    for path in tmp.iterdir():
+        if path.is_file() and not path.name.startswith("rng_state_rank"):  # each rank fsyncs its own RNG file
+            _fsync_file(path)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, tokenizer,
+                    optimizer: torch.optim.Optimizer | None, scheduler, trainer_state: dict,
+                    keep_last: int | None = 2, info: DistInfo | None = None, config: Any = None) -> Path:
+    """Write ``run_dir/checkpoint-{step:07d}`` atomically and return its path (on every rank).
+
+    Collective: every rank must call it (FSDP2 gathers are collective; each rank writes its RNG file).
+    ``trainer_state`` must be JSON-serialisable (step is added). ``config``: the run's config dataclass, stored
+    as ``config.yaml`` and under ``"config"`` in trainer_state.json. ``keep_last``: how many complete checkpoints
+    to keep (older ones are deleted after the new one is complete); None keeps all. A checkpoint of the same step
+    that already exists is replaced.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from grpo.distributed import full_state_dict
+
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    rank, world_size = _rank_and_world(info)
+    state = {"step": int(step), "world_size": world_size, **trainer_state}
+    if config is not None:
+        state["config"] = config_to_dict(config)
+    state_json = json.dumps(state, indent=2)  # fails here, on every rank alike, before any collective
+    run_dir = Path(run_dir)
+    final = run_dir / f"checkpoint-{step:07d}"
+    tmp = run_dir / f"{_TMP_PREFIX}{final.name}"
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+
+    _write_torch(_rng_state(), tmp / f"rng_state_rank{rank}.pt")
+    weights = full_state_dict(model)  # collective; the tensors land on rank 0 only when sharded
+    optim_state = None if optimizer is None else get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    failure: Exception | None = None
+    if rank == 0:
+        try:
+            _write_rank0_files(tmp, model, weights, tokenizer, optim_state, scheduler, state_json, config)
+        except Exception as e:  # re-raised below, after telling the other ranks (else they wait forever)
+            failure = e
+    del weights, optim_state
+    if broadcast_object(None if failure is None else repr(failure)) is not None:
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"rank 0 failed to write {final.name}; see its error")
+    barrier()  # every rank's files are on disk
+    if rank == 0:
+        (tmp / COMPLETE).write_text(f"{step}\n")
+        _fsync_file(tmp / COMPLETE)
+        _fsync_dir(tmp)
+        if final.exists():
+            _remove_dir(final)
+        os.rename(tmp, final)
+        _fsync_dir(run_dir)
+        if keep_last is not None:
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                _remove_dir(old)
+    barrier()
+    return final
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        weights.update(load_file(path / name))
+    return weights
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler=None, info: DistInfo | None = None) -> dict:
+    """Restore weights (into a plain or FSDP2-sharded model), optimizer, scheduler and this rank's RNG states.
+
+    Collective when the model is sharded. Returns the trainer_state dict saved with the checkpoint. Resuming on a
+    different world size works for weights/optimizer/scheduler; the RNG streams then cannot be continued exactly
+    (a warning is issued when this rank has no saved RNG state, and its generators are left as they are).
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    rank, _ = _rank_and_world(info)
+    # Sharded: rank 0 reads the files and the tensors are broadcast, so other ranks hold no full copy.
+    from_rank0 = is_sharded(model)
+    reads_files = rank == 0 or not from_rank0
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
+
+    weights = _share_tied(_read_weights(path), model) if reads_files else {}
+    set_model_state_dict(model, weights, options=options)
+    del weights
+    if optimizer is not None:
+        optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) \
+            if reads_files else {}
+        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+        del optim_state
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_file = path / f"rng_state_rank{rank}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        warnings.warn(f"{rng_file.name} missing (checkpoint saved on fewer ranks); RNG state not restored")
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+class GracefulExit:
+    """Turn SIGTERM (e.g. a scheduler's preemption notice) into a flag the training loop polls.
+
+        with GracefulExit() as stop:            # or: stop = install_sigterm_handler()
+            for step in ...:
+                train_step()
+                if stop():                      # collective: every rank calls it at the same points
+                    save_checkpoint(...)
+                    break
+
+    ``stop()`` (= ``should_stop()``) is True on EVERY rank once ANY rank got the signal, so all ranks save and
+    leave at the same step boundary (a rank-local flag would let one rank enter the collective save alone and
+    hang). ``requested`` is the rank-local flag. A second signal restores the previous handler and re-delivers
+    the signal, so a double kill / Ctrl-C still exits at once. Leaving the ``with`` block (or ``restore()``)
+    reinstalls the previous handlers. Main thread only (a Python rule for signal handlers).
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.signals = signals
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = True
+
+    def install(self) -> GracefulExit:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    __enter__ = install
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def should_stop(self) -> bool:
+        """True on every rank as soon as any rank received the signal (all-reduce max; call on all ranks)."""
+        from grpo.distributed import all_reduce_max
+
+        return all_reduce_max(1.0 if self.requested else 0.0) > 0.0
+
+    __call__ = should_stop
+
+
+def install_sigterm_handler() -> GracefulExit:
+    """Install the SIGTERM handler for the rest of the process; call the result (collectively) to poll it."""
+    return GracefulExit().install()

@@ -1,0 +1,246 @@
+"""Process-group setup, collectives and FSDP2 sharding.
+
+Run one process per device with ``torchrun --nproc_per_node=N train.py``; a plain ``python train.py`` is a single
+process that never creates a process group, and every helper here then degrades to the local operation.
+
+Gradient convention (read this before writing a loss): ``shard_model`` makes FSDP2 SUM gradients over ranks
+(gradient divide factor 1) instead of its default mean. Each rank's loss must therefore be its share of the global
+loss: normalise by GLOBAL counts, e.g. ``loss_rank = ce_sum_over_my_tokens / total_tokens_on_all_ranks`` (get the
+total with ``all_reduce_sum``). Summing the ranks' gradients then gives exactly the gradient of the global loss, and
+the same code is correct with one process (where the global count is the local count) -- no ``* world_size``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group that torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* env vars.
+
+    Backend: nccl when CUDA is available (device ``cuda:LOCAL_RANK``), gloo otherwise (device ``cpu``). Without
+    those env vars (plain ``python``) nothing is initialised and the result is rank 0 of 1.
+    """
+    use_cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(0, 1, 0, torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Destroy the process group (call once at the end of training; safe without one)."""
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def _comm_device() -> torch.device:
+    # nccl only moves CUDA tensors; gloo reduces CPU tensors.
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(value: float | torch.Tensor, op: dist.ReduceOp) -> float | torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if not is_dist():
+            return value.clone()
+        out = value.detach().to(_comm_device(), copy=True)
+        dist.all_reduce(out, op=op)
+        return out.to(value.device)
+    if not is_dist():
+        return float(value)
+    out = torch.tensor(float(value), dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(out, op=op)
+    return float(out.item())
+
+
+def all_reduce_sum(value: float | torch.Tensor) -> float | torch.Tensor:
+    """Sum over ranks. Floats come back as floats (reduced in float64); tensors as a new tensor on their device."""
+    return _all_reduce(value, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(value: float | torch.Tensor) -> float | torch.Tensor:
+    """Max over ranks; same types as :func:`all_reduce_sum`."""
+    return _all_reduce(value, dist.ReduceOp.MAX)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (other ranks' argument is ignored)."""
+    if not is_dist():
+        return obj
+    box = [obj if get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src, device=_comm_device())
+    return box[0]
+
+
+def find_transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks of ``model``, in module order.
+
+    Hugging Face models name their block classes in ``_no_split_modules`` (e.g. ``LlamaDecoderLayer``); otherwise
+    the longest ``nn.ModuleList`` whose children all share one class is taken (``model.model.layers`` style).
+    """
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if blocks:
+        return blocks
+    longest: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(longest) \
+                and len({type(child) for child in module}) == 1:
+            longest = list(module)
+    if not longest:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}: no _no_split_modules "
+                         "and no ModuleList of identical blocks")
+    return longest
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when ``model`` was sharded with FSDP2 (its parameters are DTensors)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None = None,
+                reduce_dtype: torch.dtype | None = None, reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2-shard ``model`` over all ranks: each transformer block is one FSDP unit, the root holds the rest.
+
+    The root unit owns embeddings, final norm and lm_head, so tied ``lm_head.weight is embed_tokens.weight`` stays
+    one parameter (sharded once). Gradients are SUMMED over ranks (see module doc). ``param_dtype``/``reduce_dtype``
+    set a ``MixedPrecisionPolicy`` (sharded master weights stay in their own dtype). With ``world_size == 1`` the
+    model is only moved to ``info.device`` and the dtypes are ignored (use ``torch.autocast`` there if wanted).
+    Returns the same module object (FSDP2 shards in place).
+    """
+    model = model.to(info.device)
+    if info.world_size == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # Inner units must be sharded before the units that contain them; reversed pre-order guarantees that.
+    for block in reversed(find_transformer_blocks(model)):
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # Sum, not mean (see the module doc). Forcing plain SUM collectives keeps gloo working: a divide
+            # factor alone makes FSDP2 use ReduceOp.PREMUL_SUM, which only NCCL implements.
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    full = t.full_tensor() if isinstance(t, DTensor) else t
+    return full.detach().cpu()
+
+
+def full_state_dict(model: nn.Module, broadcast: bool = False) -> dict[str, torch.Tensor]:
+    """The complete (unsharded) state dict on CPU, keyed like ``model.state_dict()`` (tied names both present).
+
+    * Unsharded model: every rank gets its own state dict. When the model already lives on CPU the tensors share
+      storage with the live parameters -- copy them before mutating.
+    * Sharded model, ``broadcast=False``: ONLY RANK 0 receives the tensors; the other ranks get ``{}``. Uses
+      ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``, which gathers one tensor at a time, so
+      no rank ever holds the full model on the accelerator.
+    * Sharded model, ``broadcast=True``: EVERY rank receives all tensors (e.g. for a rollout engine per rank),
+      all-gathered parameter by parameter, each moved to CPU before the next.
+    Collective for sharded models: every rank must call it.
+    """
+    if not is_sharded(model):
+        return {name: t.detach().cpu() for name, t in model.state_dict().items()}
+    if not broadcast:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    named = dict(model.named_buffers(remove_duplicate=False))
+    named.update(model.named_parameters(remove_duplicate=False))
+    gathered: dict[int, torch.Tensor] = {}  # by id(tensor): a tied weight is gathered once
+    out: dict[str, torch.Tensor] = {}
+    for name in model.state_dict().keys():  # persistent entries only, same order on every rank
+        tensor = named[name]
+        if id(tensor) not in gathered:
+            gathered[id(tensor)] = _full_tensor(tensor)
+        out[name] = gathered[id(tensor)]
+    return out
+
+
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Clip gradients to a global L2 norm of ``max_norm``; return the global norm before clipping.
+
+    Works for plain and FSDP2 (DTensor) parameters alike: on sharded parameters ``clip_grad_norm_`` combines the
+    shards into the norm of the full gradient (a replicated DTensor), identical to the single-process value.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm.item())
+
+
+def grads_are_finite(model: nn.Module) -> bool:
+    """True when every gradient on every rank is finite (collective: call on all ranks).
+
+    Lets the trainer skip an optimizer step whose gradients hold inf/nan instead of writing them into the weights.
+    """
+    from torch.distributed.tensor import DTensor
+
+    checks = [torch.isfinite(g.to_local() if isinstance(g, DTensor) else g).all()
+              for g in (p.grad for p in model.parameters()) if g is not None]
+    locally_finite = bool(torch.stack(checks).all().item()) if checks else True
+    return all_reduce_max(0.0 if locally_finite else 1.0) == 0.0

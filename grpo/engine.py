@@ -1,0 +1,411 @@
+"""Rollout engines: the `Rollout` record, the engine protocol, and `TorchEngine`, a batched sampler in pure PyTorch.
+
+TorchEngine runs the very `nn.Module` being trained (no weight copies, so `update_weights` is free). Per call it
+  1. expands prompts x n into rows, sorts them by prompt length and cuts them into chunks whose
+     (padded prompt length + max_new_tokens) * rows fits `max_batch_tokens`;
+  2. per chunk, prefills each distinct prompt once (left padded, explicit position_ids) and copies its KV cache to
+     its n sample rows;
+  3. decodes one token per step for all live rows with a preallocated KV cache (no per-step torch.cat), computing
+     logits for the last position only, and drops finished rows (and all-padding columns) from the batch every few
+     finished rows, so short completions stop costing compute.
+Attention runs SDPA with native grouped-query support even when a padding mask is present (transformers' sdpa path
+otherwise materialises repeated K/V every layer and step, which dominates CPU decode time at long contexts).
+Sampling (grpo/sampling.py) draws per-row seeded noise, so a row's output does not depend on batch composition.
+
+FSDP2: if the policy is wrapped with `fully_shard`, every FSDP module is all-gathered once before generation and
+kept unsharded until the end (no collectives inside the decode loop, so ranks need no lockstep), then resharded.
+Every rank must call `generate` (possibly with no prompts) because the unshard is a collective.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+from grpo.sampling import exponential_noise, row_generators, sample_next_tokens
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[int]
+    completion_ids: list[int]  # includes the EOS token / the stop string's tokens when generation stopped on them
+    logprobs: list[float]      # log softmax(logits / T) of each completion token, before top-p (T=1 when greedy)
+    finish_reason: str         # "stop" (EOS or stop string) | "length"
+    text: str                  # decoded completion, skip_special_tokens=True
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
+                 top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> list[Rollout]:
+        """Flat list of len(prompts) * n rollouts; prompt i's samples are [i*n : (i+1)*n]."""
+        ...
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Called after each optimizer step."""
+        ...
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention and KV cache
+
+GQA_SDPA = "grpo_sdpa_gqa"
+
+
+def _sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                        **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, but with `enable_gqa=True` when a mask is present instead of repeating K/V.
+
+    query (B, H, q, D), key/value (B, Hkv, kv, D), attention_mask (B, 1, q, kv) bool/additive or None.
+    Returns (B, q, H, D) like every transformers attention function.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    if attention_mask is None or groups == 1 or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GQA_SDPA, _sdpa_gqa_attention)
+AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose K/V live in a buffer preallocated to the chunk's final length.
+
+    Appending writes in place; `keys`/`values` are views of the filled prefix, so the model sees the same tensors
+    as with DynamicLayer without a per-step torch.cat copy of the whole cache. Buffers: (B, Hkv, capacity, D).
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self._k = key_states.new_empty(b, h, self.capacity, d)
+        self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[-2]:  # more tokens than planned: grow (never happens inside TorchEngine)
+            extra = end - self._k.shape[-2]
+            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], extra, self._k.shape[3])], dim=-2)
+            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], extra, self._v.shape[3])], dim=-2)
+        self._k[:, :, self.length:end] = key_states
+        self._v[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices` (repeats allowed: used to fan a prefilled prompt out to its samples)."""
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    def drop_leading(self, count: int) -> None:
+        """Forget the first `count` positions (columns that are padding for every remaining row). No copy."""
+        if self.is_initialized and count > 0:
+            self._k, self._v = self._k[:, :, count:], self._v[:, :, count:]
+            self.length -= count
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+
+def _new_cache(model: torch.nn.Module, capacity: int) -> DynamicCache:
+    """A DynamicCache of PreallocatedLayers for plain full-attention models; a stock DynamicCache otherwise."""
+    cache = DynamicCache(config=model.config)
+    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def _cache_select(cache: DynamicCache, indices: torch.Tensor) -> None:
+    for layer in cache.layers:
+        layer.batch_select_indices(indices)
+
+
+def _cache_drop_leading(cache: DynamicCache, count: int) -> bool:
+    """Drop leading columns if every layer supports it; returns whether it did."""
+    if count <= 0 or not all(isinstance(layer, PreallocatedLayer) for layer in cache.layers):
+        return False
+    for layer in cache.layers:
+        layer.drop_leading(count)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model state around generation
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """model.eval() for the block, then restore every submodule's own train/eval flag."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+
+
+@contextlib.contextmanager
+def _gqa_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Route the model's sdpa attention through `_sdpa_gqa_attention` for the block."""
+    config = model.config
+    original = getattr(config, "_attn_implementation", None)
+    if original != "sdpa":
+        yield
+        return
+    config._attn_implementation = GQA_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = original
+
+
+@contextlib.contextmanager
+def _fsdp_unsharded(model: torch.nn.Module) -> Iterator[None]:
+    """Keep every FSDP2 module of `model` unsharded for the block, then reshard.
+
+    FSDP2 all-gathers a module's parameters in its forward pre-hook and frees them after forward. Generation runs
+    hundreds of forwards whose count differs across ranks, so instead we all-gather everything once here (a
+    collective every rank reaches, in the same module order) and switch resharding-after-forward off for the block:
+    the decode loop then runs no collectives at all. There is no public getter for reshard_after_forward, so the
+    per-group setting (`post_forward_mesh_info`) is saved and restored directly.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not fsdp_modules:
+        yield
+        return
+    fsdp_modules[0]._get_fsdp_state()._lazy_init()  # decide the root now so lazy init cannot overwrite our settings
+    groups = [g for m in fsdp_modules for g in m._get_fsdp_state()._fsdp_param_groups]
+    saved = [g.post_forward_mesh_info for g in groups]
+    try:
+        for g in groups:
+            g.post_forward_mesh_info = None
+        for m in fsdp_modules:
+            m.unshard()
+        yield
+    finally:
+        for g, info in zip(groups, saved):
+            g.post_forward_mesh_info = info
+        for m in fsdp_modules:
+            m.reshard()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Engine
+
+class StopStrings:
+    """Incremental stop-string detection on the decoded tail of each completion.
+
+    Every token decodes to at least one byte, so a stop string that ends at the newest token lies within the last
+    len(stop.encode()) tokens; one more token of left context keeps a multi-byte character split at the window edge
+    from hiding it. Decoding only that tail keeps the check O(window) per row and step.
+    """
+
+    def __init__(self, tokenizer, stop: list[str] | None):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.window = max((len(s.encode("utf-8")) for s in self.stop), default=0) + 1
+
+    def __bool__(self) -> bool:
+        return bool(self.stop)
+
+    def hits(self, completions: list[list[int]]) -> list[bool]:
+        tails = self.tokenizer.batch_decode([ids[-self.window:] for ids in completions], skip_special_tokens=False,
+                                            clean_up_tokenization_spaces=False)
+        return [any(s in tail for s in self.stop) for tail in tails]
+
+
+def default_eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    """Union of the tokenizer's EOS and the model's (generation) config EOS ids (chat models often list several)."""
+    ids: set[int] = set()
+    sources = (getattr(tokenizer, "eos_token_id", None),
+               getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+               getattr(getattr(model, "config", None), "eos_token_id", None))
+    for source in sources:
+        if source is not None:
+            ids.update([source] if isinstance(source, int) else source)
+    return sorted(ids)
+
+
+def plan_chunks(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) row ranges over rows sorted by prompt length (longest first) such that each chunk's
+    (longest prompt + max_new_tokens) * rows <= max_batch_tokens. A row that alone exceeds the budget gets a chunk
+    of its own (it cannot be split)."""
+    chunks, start = [], 0
+    while start < len(prompt_lens):
+        rows = max(1, max_batch_tokens // (prompt_lens[start] + max_new_tokens))
+        end = min(len(prompt_lens), start + rows)
+        chunks.append((start, end))
+        start = end
+    return chunks
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, L) int64, attention_mask (B, L) int64) with every sequence right-aligned."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def _check_args(prompts, n, max_new_tokens, temperature, top_p, stop) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
+        raise ValueError(f"stop must be a list of strings, got {stop!r}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+
+
+class TorchEngine:
+    """Batched KV-cached sampling on the training module itself. See the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, max_batch_tokens: int = 32768,
+                 eos_token_ids: list[int] | None = None, compact_fraction: float = 0.125):
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_tokens = max_batch_tokens
+        self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else default_eos_token_ids(model, tokenizer))
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = pad if pad is not None else min(self.eos_token_ids, default=0)
+        # Finished rows leave the batch once they are at least this fraction of it (compaction copies the KV cache).
+        self.compact_fraction = compact_fraction
+        params = inspect.signature(model.forward).parameters
+        self._forward_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        if model is not self.model:
+            raise ValueError("TorchEngine samples from the training module itself; update_weights got a different "
+                             "module. Build a new TorchEngine for it instead.")
+
+    def generate(self, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
+                 top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None, *,
+                 ignore_eos: bool = False) -> list[Rollout]:
+        """len(prompts) * n rollouts, prompt i's samples at [i*n : (i+1)*n]. ignore_eos (benchmarks) never stops on EOS."""
+        _check_args(prompts, n, max_new_tokens, temperature, top_p, stop)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())  # follows torch.manual_seed
+        # (row id, prompt index); longest prompts first so chunks pad little, a prompt's samples adjacent so one
+        # prefill serves them all.
+        rows = [(i * n + j, i) for i in range(len(prompts)) for j in range(n)]
+        rows.sort(key=lambda row: (-len(prompts[row[1]]), row[0]))
+        chunks = plan_chunks([len(prompts[p]) for _, p in rows], max_new_tokens, self.max_batch_tokens)
+        stop_strings = StopStrings(self.tokenizer, stop)
+        results: list[Rollout | None] = [None] * len(rows)
+        with _fsdp_unsharded(self.model), _eval_mode(self.model), _gqa_attention(self.model), torch.inference_mode():
+            for start, end in chunks:
+                chunk = rows[start:end]
+                rollouts = self._generate_chunk([prompts[p] for _, p in chunk], [r for r, _ in chunk],
+                                                max_new_tokens, temperature, top_p, stop_strings, seed, ignore_eos)
+                for (row_id, _), rollout in zip(chunk, rollouts):
+                    results[row_id] = rollout
+        return results
+
+    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache: DynamicCache) -> torch.Tensor:
+        """(B, V) fp32 next-token logits after feeding input_ids (B, q)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, **self._forward_kwargs)
+        return out.logits[:, -1, :].float()
+
+    def _generate_chunk(self, prompts: list[list[int]], row_ids: list[int], max_new: int, temperature: float,
+                        top_p: float, stop_strings: StopStrings, seed: int, ignore_eos: bool) -> list[Rollout]:
+        """Sample one completion per entry of `prompts` (equal prompts adjacent); row_ids seed each row's RNG."""
+        # Prefill each distinct prompt once, then fan its cache and logits out to its sample rows.
+        distinct: list[list[int]] = []
+        fan_out: list[int] = []
+        for p in prompts:
+            if not distinct or distinct[-1] is not p:
+                distinct.append(p)
+            fan_out.append(len(distinct) - 1)
+        ids, mask = left_pad(distinct, self.pad_token_id)
+        width = ids.shape[1]
+        cache = _new_cache(self.model, width + max_new)
+        logits = self._logits(ids, mask, (mask.cumsum(-1) - 1).clamp_(min=0), cache)
+        fan = torch.tensor(fan_out)
+        logits = logits[fan]
+        _cache_select(cache, fan)
+        mask_buf = torch.zeros(len(prompts), width + max_new, dtype=torch.long)
+        mask_buf[:, :width] = mask[fan]
+        next_pos = mask_buf.sum(-1)  # (R,) each row's next position id = its prompt length
+        generators = row_generators(seed, row_ids) if temperature > 0 else []
+
+        completions: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
+        finish: list[str | None] = [None] * len(prompts)
+        batch = list(range(len(prompts)))  # chunk row held at each batch position
+        for step in range(max_new):
+            noise = exponential_noise([generators[r] for r in batch], logits.shape[-1]) if generators else None
+            tokens, token_logprobs = sample_next_tokens(logits, temperature, top_p, noise)
+            token_list, logprob_list = tokens.tolist(), token_logprobs.tolist()
+            unfinished = []
+            for b, r in enumerate(batch):
+                if finish[r] is not None:  # finished earlier, waiting for compaction: its sample is discarded
+                    continue
+                completions[r].append(token_list[b])
+                logprobs[r].append(logprob_list[b])
+                if not ignore_eos and token_list[b] in self.eos_token_ids:
+                    finish[r] = "stop"
+                else:
+                    unfinished.append(r)
+            if stop_strings and unfinished:
+                for r, hit in zip(unfinished, stop_strings.hits([completions[r] for r in unfinished])):
+                    if hit:
+                        finish[r] = "stop"
+            live = [b for b, r in enumerate(batch) if finish[r] is None]
+            if not live or step == max_new - 1:
+                break
+            dead = len(batch) - len(live)
+            if dead and dead >= max(1, int(len(batch) * self.compact_fraction)):
+                keep = torch.tensor(live)
+                _cache_select(cache, keep)
+                mask_buf, next_pos, tokens = mask_buf[keep], next_pos[keep], tokens[keep]
+                batch = [batch[b] for b in live]
+                # Columns that are padding in every remaining row (their long-prompt rows finished) go too.
+                lead = int(mask_buf[:, :width].any(0).to(torch.int8).argmax())
+                if _cache_drop_leading(cache, lead):
+                    mask_buf, width = mask_buf[:, lead:], width - lead
+            mask_buf[:, width] = 1
+            width += 1
+            logits = self._logits(tokens[:, None], mask_buf[:, :width], next_pos[:, None], cache)
+            next_pos += 1
+
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        return [Rollout(prompt_ids=list(prompts[r]), completion_ids=completions[r], logprobs=logprobs[r],
+                        finish_reason=finish[r] or "length", text=texts[r]) for r in range(len(prompts))]

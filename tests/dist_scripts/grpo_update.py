@@ -1,0 +1,60 @@
+"""One GRPO policy update (grpo.trainer.policy_update) on a fixed global batch of rollouts.
+
+    python tests/dist_scripts/grpo_update.py OUT LOSS_AGG                                    # 1 process, all rows
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_scripts/grpo_update.py OUT LOSS_AGG
+
+Each rank trains on its contiguous half of the rows (as the trainer's prompt split does); rank 0 writes
+OUT/world{W}.pt with the full weights after the update and the update's metrics, for tests/test_trainer.py.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from grpo.batch import collate_rollouts  # noqa: E402
+from grpo.distributed import cleanup, full_state_dict, init_distributed, shard_model  # noqa: E402
+from grpo.grpo_config import GRPOConfig  # noqa: E402
+from grpo.models import tiny_llama  # noqa: E402
+from grpo.optim import build_optimizer, build_scheduler  # noqa: E402
+from grpo.trainer import policy_update  # noqa: E402
+
+ROWS, VOCAB = 8, 128
+
+
+def global_rollouts():
+    """8 rollouts with prompt lengths 3..6 and completion lengths 1..8, so normalisers differ between ranks."""
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, VOCAB, (3 + i % 4,), generator=gen).tolist() for i in range(ROWS)]
+    completions = [torch.randint(1, VOCAB, (1 + (5 * i) % 8,), generator=gen).tolist() for i in range(ROWS)]
+    old = [(-torch.rand(len(c), generator=gen) * 3).tolist() for c in completions]
+    advantages = torch.randn(ROWS, generator=gen)
+    return prompts, completions, old, advantages
+
+
+def main(out: str, loss_agg: str) -> None:
+    torch.set_num_threads(1)
+    info = init_distributed()
+    cfg = GRPOConfig(reward_weights={"r": 1.0}, prompts_per_step=2, group_size=4, micro_batch_size=2,
+                     loss_agg=loss_agg, beta=0.0, lr=1e-3, max_grad_norm=1e9, max_completion_len=8,
+                     temperature=0.7, warmup_ratio=0.0)
+    policy = shard_model(tiny_llama(vocab_size=VOCAB, hidden=32, layers=2, heads=2, seed=3), info)
+    optimizer = build_optimizer(policy, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, 1, 0.0, "constant")
+    prompts, completions, old, advantages = global_rollouts()
+    rows = slice(info.rank * ROWS // info.world_size, (info.rank + 1) * ROWS // info.world_size)
+    batch = collate_rollouts(prompts[rows], completions[rows], old[rows], pad_id=0)
+    metrics = policy_update(policy, optimizer, scheduler, batch, advantages[rows], batch.completion_mask,
+                            None, None, cfg, info)
+    state = full_state_dict(policy)
+    if info.rank == 0:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        torch.save({"state": state, "metrics": metrics}, Path(out) / f"world{info.world_size}.pt")
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,308 @@
+"""TorchEngine: log-probs vs teacher forcing, greedy vs HF generate, stops, seeds, chunking, modes, FSDP2.
+
+Run as a script under torchrun, this file is the FSDP2 worker that `test_fsdp2_two_ranks` launches.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from grpo.engine import Rollout, TorchEngine, plan_chunks  # noqa: E402
+from grpo.models import tiny_llama  # noqa: E402
+from grpo.sampling import exponential_noise, row_generators, sample_next_tokens  # noqa: E402
+
+CHATS = ["Hi", "Name the capital of France in one word.",
+         "Find every person entity in the sentence and list them: West Indian all-rounder Phil Simmons took four "
+         "for 38 on Friday as Leicestershire beat Somerset by an innings and 39 runs in two days."]
+
+
+def chat_prompts(tok) -> list[list[int]]:
+    texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+             for c in CHATS]
+    return [tok(t, add_special_tokens=False).input_ids for t in texts]
+
+
+def teacher_forced_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) of each completion token from one unpadded forward over prompt + completion."""
+    ids = torch.tensor([rollout.prompt_ids + rollout.completion_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(rollout.prompt_ids) - 1:-1].float()
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return logp.gather(-1, torch.tensor(rollout.completion_ids)[:, None]).squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def smol_greedy(smollm2):
+    model, tok = smollm2
+    prompts = chat_prompts(tok)
+    return prompts, TorchEngine(model, tok).generate(prompts, n=1, max_new_tokens=24, temperature=0)
+
+
+def peaked_tiny_llama(vocab_size: int):
+    """tiny_llama with an untied random output head scaled to logits of std ~4.
+
+    The stock tiny model ties its head to the embeddings, so greedy decoding just repeats the last prompt token and
+    sampling sees an almost uniform distribution over 49k tokens, where fp32 rounding differences between batch
+    shapes can move an inverse-CDF pick to a neighbouring token. A peaked head gives varied greedy text and
+    sampling that is stable under such rounding.
+    """
+    model = tiny_llama(vocab_size=vocab_size, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    hidden = model.config.hidden_size
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab_size, hidden, generator=gen) * 4 / hidden**0.5)
+    model.config.tie_word_embeddings = False
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2_tokenizer):
+    """(model, tokenizer, prompts of lengths 9/4/6): a random llama over SmolLM2's vocabulary, eval mode."""
+    model = peaked_tiny_llama(len(smollm2_tokenizer)).eval()
+    prompts = [[1, 17, 230, 4000, 12, 99, 5, 6, 7], [1, 40, 41, 42], [1, 800, 801, 802, 803, 804]]
+    return model, smollm2_tokenizer, prompts
+
+
+# ---------------------------------------------------------------- SmolLM2: exactness against independent paths
+
+def test_logprobs_match_teacher_forcing(smollm2):
+    model, tok = smollm2
+    prompts = chat_prompts(tok)
+    assert len({len(p) for p in prompts}) == 3  # different lengths: left padding is exercised
+    rollouts = TorchEngine(model, tok).generate(prompts, n=2, max_new_tokens=24, temperature=0.7, top_p=0.9, seed=0)
+    assert len(rollouts) == 6
+    for i, r in enumerate(rollouts):
+        assert r.prompt_ids == prompts[i // 2]
+        assert len(r.logprobs) == len(r.completion_ids) >= 1
+        expected = teacher_forced_logprobs(model, r, 0.7)
+        assert (torch.tensor(r.logprobs) - expected).abs().max().item() < 1e-4
+
+
+def test_greedy_equals_hf_generate(smollm2, smol_greedy):
+    model, tok = smollm2
+    prompts, rollouts = smol_greedy
+    for p, r in zip(prompts, rollouts):
+        with torch.no_grad():  # one unpadded prompt at a time: HF's own path, no batching effects
+            out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=24, pad_token_id=tok.pad_token_id)
+        assert out[0, len(p):].tolist() == r.completion_ids
+        stopped_on_eos = r.completion_ids[-1] == tok.eos_token_id
+        assert r.finish_reason == ("stop" if stopped_on_eos else "length")
+        assert r.text == tok.decode(r.completion_ids, skip_special_tokens=True)
+    # greedy log-probs are scored at temperature 1
+    assert max((torch.tensor(r.logprobs) - teacher_forced_logprobs(model, r, 1.0)).abs().max().item()
+               for r in rollouts) < 1e-4
+
+
+def test_stop_strings_end_completion_right_after_the_string(smollm2, smol_greedy):
+    model, tok = smollm2
+    prompts, greedy = smol_greedy
+    full = greedy[2].completion_ids
+    assert len(full) >= 8
+    # A stop string taken from the middle of the unstopped greedy text; it may end inside a token.
+    text = tok.decode(full, skip_special_tokens=False)
+    cut = len(tok.decode(full[:5], skip_special_tokens=False))
+    stop = text[cut - 4:cut + 2]
+    rollouts = TorchEngine(model, tok).generate(prompts, max_new_tokens=24, temperature=0,
+                                                stop=["</entity>", stop])
+    for g, r in zip(greedy, rollouts):
+        # Expected by brute force: the shortest prefix of the unstopped completion whose full decode contains it.
+        k = next((k for k in range(1, len(g.completion_ids) + 1)
+                  if stop in tok.decode(g.completion_ids[:k], skip_special_tokens=False)), None)
+        if k is None:
+            assert r.completion_ids == g.completion_ids and r.finish_reason == g.finish_reason
+        else:
+            assert r.completion_ids == g.completion_ids[:k] and r.finish_reason == "stop"
+    assert stop in rollouts[2].text and len(rollouts[2].completion_ids) < len(full)
+
+
+def test_top_p_near_zero_is_greedy(smollm2, smol_greedy):
+    model, tok = smollm2
+    prompts, greedy = smol_greedy
+    rollouts = TorchEngine(model, tok).generate(prompts, max_new_tokens=24, temperature=0.7, top_p=1e-6, seed=5)
+    assert [r.completion_ids for r in rollouts] == [g.completion_ids for g in greedy]
+
+
+# ---------------------------------------------------------------- sampling arithmetic
+
+def test_sampling_frequencies_follow_the_nucleus():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    rows = 20000
+    logits = probs.log().expand(rows, 4)
+    noise = exponential_noise(row_generators(0, list(range(rows))), 4)
+    tokens, logprobs = sample_next_tokens(logits, 1.0, 0.7, noise)
+    # Mass before token 1 is .5 < .7 (kept), before token 2 is .8 >= .7 (dropped): nucleus {0, 1} renormalised to
+    # .5/.8 = .625 and .3/.8 = .375. Binomial sd = sqrt(.625 * .375 / 20000) = .0034; allow 4 sd.
+    counts = torch.bincount(tokens, minlength=4).float() / rows
+    assert counts[2:].tolist() == [0.0, 0.0]
+    assert abs(counts[0].item() - 0.625) < 4 * 0.0034
+    # log-probs are before truncation: log .5 or log .3
+    expected = torch.where(tokens == 0, math.log(0.5), math.log(0.3))
+    assert torch.allclose(logprobs, expected, atol=1e-6)
+    # Temperature 2 flattens to p^(1/2) / sum = [.379, .294, .208, .120] with no truncation; sd <= .0035.
+    flat = probs.sqrt() / probs.sqrt().sum()
+    tokens, _ = sample_next_tokens(logits, 2.0, 1.0, noise)
+    counts = torch.bincount(tokens, minlength=4).float() / rows
+    assert (counts - flat).abs().max().item() < 4 * 0.0035
+
+
+def test_plan_chunks_respects_the_budget():
+    # widths 10+6 = 16 -> 40 // 16 = 2 rows; then 5+6 = 11 -> 40 // 11 = 3 rows
+    assert plan_chunks([10, 10, 5, 5, 5], 6, 40) == [(0, 2), (2, 5)]
+    # a row wider than the budget still gets a chunk of its own
+    assert plan_chunks([50, 3], 6, 40) == [(0, 1), (1, 2)]
+
+
+# ---------------------------------------------------------------- tiny llama: seeds, chunking, EOS, modes
+
+def test_seeded_sampling_is_deterministic_and_chunking_independent(tiny):
+    model, tok, prompts = tiny
+    kwargs = dict(n=3, max_new_tokens=10, temperature=1.0, top_p=0.95)
+    a = TorchEngine(model, tok).generate(prompts, seed=11, **kwargs)
+    b = TorchEngine(model, tok).generate(prompts, seed=11, **kwargs)
+    one_row_chunks = TorchEngine(model, tok, max_batch_tokens=1).generate(prompts, seed=11, **kwargs)
+    other = TorchEngine(model, tok).generate(prompts, seed=12, **kwargs)
+    ids = [r.completion_ids for r in a]
+    assert ids == [r.completion_ids for r in b] == [r.completion_ids for r in one_row_chunks]
+    assert ids != [r.completion_ids for r in other]
+    assert [r.prompt_ids for r in a] == [p for p in prompts for _ in range(3)]
+    assert len({tuple(i) for i in ids[:3]}) > 1  # the n samples of one prompt differ
+    for x, y in zip(a, one_row_chunks):
+        assert max(abs(u - v) for u, v in zip(x.logprobs, y.logprobs)) < 1e-5
+
+
+def test_budget_chunking_matches_one_chunk_for_greedy(tiny):
+    model, tok, prompts = tiny
+    one = TorchEngine(model, tok, max_batch_tokens=10**6).generate(prompts, n=2, max_new_tokens=12, temperature=0)
+    # (9 + 12) * 1 <= 25 < (9 + 12) * 2: one row per chunk for the longest prompt, two for the others
+    many = TorchEngine(model, tok, max_batch_tokens=25).generate(prompts, n=2, max_new_tokens=12, temperature=0)
+    assert [r.completion_ids for r in one] == [r.completion_ids for r in many]
+    assert all(r.finish_reason == "length" and len(r.completion_ids) == 12 for r in one)
+
+
+def test_eos_stops_rows_and_compaction_keeps_the_rest_exact(tiny):
+    model, tok, prompts = tiny
+    base = TorchEngine(model, tok, eos_token_ids=[]).generate(prompts, max_new_tokens=12, temperature=0)
+    # EOS := an early greedy token of the longest prompt's row, so the row that forces the most padding finishes
+    # first and the others continue in a compacted, left-trimmed batch.
+    first = base[0].completion_ids
+    eos = next(t for j, t in enumerate(first) if j >= 1 and t not in first[:j])
+    engine = TorchEngine(model, tok, eos_token_ids=[eos])
+    rollouts = engine.generate(prompts, max_new_tokens=12, temperature=0)
+    for g, r in zip(base, rollouts):
+        if eos in g.completion_ids:
+            k = g.completion_ids.index(eos) + 1
+            assert r.completion_ids == g.completion_ids[:k] and r.finish_reason == "stop"
+        else:
+            assert r.completion_ids == g.completion_ids and r.finish_reason == "length"
+        assert (torch.tensor(r.logprobs) - teacher_forced_logprobs(model, r, 1.0)).abs().max().item() < 1e-4
+    assert rollouts[0].finish_reason == "stop"
+    assert any(len(r.completion_ids) > len(rollouts[0].completion_ids) for r in rollouts[1:])
+    ignored = engine.generate(prompts, max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert [r.completion_ids for r in ignored] == [g.completion_ids for g in base]
+
+
+def test_model_modes_and_requires_grad_are_untouched(tiny):
+    model, tok, prompts = tiny
+    greedy_eval = TorchEngine(model, tok).generate(prompts, max_new_tokens=8, temperature=0)
+    train_model = peaked_tiny_llama(len(tok))
+    for layer in train_model.model.layers:  # dropout that would change outputs if train mode leaked in
+        layer.self_attn.attention_dropout = 0.5
+    train_model.train()
+    train_model.model.layers[1].eval()
+    train_model.model.embed_tokens.weight.requires_grad_(False)
+    before = [(m.training, [p.requires_grad for p in m.parameters(recurse=False)]) for m in train_model.modules()]
+    engine = TorchEngine(train_model, tok)
+    out = engine.generate(prompts, max_new_tokens=8, temperature=0)
+    after = [(m.training, [p.requires_grad for p in m.parameters(recurse=False)]) for m in train_model.modules()]
+    assert before == after
+    assert [r.completion_ids for r in out] == [r.completion_ids for r in greedy_eval]
+    assert train_model.config._attn_implementation == "sdpa"  # the generation-time attention swap is undone
+    engine.update_weights(train_model)
+    with pytest.raises(ValueError, match="different module"):
+        engine.update_weights(model)
+
+
+def test_bad_arguments_raise_clear_errors(tiny):
+    model, tok, prompts = tiny
+    engine = TorchEngine(model, tok)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[1, 2], []])
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate(prompts, top_p=0.0)
+    with pytest.raises(ValueError, match="n must be"):
+        engine.generate(prompts, n=0)
+    assert engine.generate([], n=4) == []
+
+
+# ---------------------------------------------------------------- FSDP2 under torchrun (gloo, CPU, 2 ranks)
+
+RANK_PROMPTS = {0: ([[1, 5, 9, 13]], 3), 1: ([[1, 2, 3], [7, 8, 9, 10, 11]], 12)}  # rank -> (prompts, max_new)
+FSDP_SEED = 7
+
+
+def _fsdp_worker(out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from grpo.models import load_tokenizer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = peaked_tiny_llama(len(tok))
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model.train()
+    engine = TorchEngine(model, tok, eos_token_ids=[])
+    prompts, max_new = RANK_PROMPTS[rank]
+    first = engine.generate(prompts, n=2, max_new_tokens=max_new, temperature=1.0, seed=FSDP_SEED)
+    # Rank 0 has nothing to do this round but must still take part in the unshard collective.
+    engine.generate([] if rank == 0 else prompts, n=1, max_new_tokens=4, seed=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    after_step = engine.generate(prompts, n=2, max_new_tokens=max_new, temperature=1.0, seed=FSDP_SEED)
+    report = {"first": [[r.completion_ids, r.logprobs, r.finish_reason] for r in first],
+              "after_step_logprobs": [r.logprobs for r in after_step],
+              "training": model.training,
+              "all_dtensor": all(isinstance(p, DTensor) for p in model.parameters())}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+def test_fsdp2_two_ranks(tmp_path, smollm2_tokenizer):
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reference = TorchEngine(peaked_tiny_llama(len(smollm2_tokenizer)), smollm2_tokenizer,
+                            eos_token_ids=[])
+    for rank, (prompts, max_new) in RANK_PROMPTS.items():
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        expected = reference.generate(prompts, n=2, max_new_tokens=max_new, temperature=1.0, seed=FSDP_SEED)
+        assert [c for c, _, _ in report["first"]] == [r.completion_ids for r in expected]
+        assert all(len(c) == max_new and f == "length" for c, _, f in report["first"])
+        for (_, lp, _), r in zip(report["first"], expected):
+            assert max(abs(a - b) for a, b in zip(lp, r.logprobs)) < 1e-5
+        # The optimizer step changed the sharded weights and generation saw the change.
+        assert report["after_step_logprobs"] != [lp for _, lp, _ in report["first"]]
+        assert report["training"] is True and report["all_dtensor"] is True
+
+
+if __name__ == "__main__":
+    _fsdp_worker(sys.argv[1])
