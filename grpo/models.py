@@ -89,9 +89,21 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_model_path(spec: str) -> str:
-    """Map a model spec to something ``from_pretrained`` accepts (a folder or a hub id)."""
+    """Map a model spec to something ``from_pretrained`` accepts (a folder or a hub id).
+
+    A run folder of this project (``runs/sft_x`` holding ``checkpoint-*`` folders) resolves to its newest complete
+    checkpoint, so one stage's ``out_dir`` can be the next stage's ``model``.
+    """
     if spec == EMBEDDED_DEFAULT:
         return str(embedded_model_dir())
+    path = Path(spec)
+    if path.is_dir() and not (path / "config.json").is_file():
+        from grpo.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(path, clean_stale=False)
+        if latest is None:
+            raise FileNotFoundError(f"{spec}: a folder with neither config.json nor a complete checkpoint-* inside")
+        return str(latest)
     return spec
 
 

@@ -1,6 +1,6 @@
 """What goes in and out of the GRPO loop besides tensors: prompt tokenisation and run logging.
 
-Logging is deliberately plain: a tqdm bar, one console line per step, TensorBoard scalars, and ``samples.jsonl``
+Logging is deliberately plain: a tqdm bar, one console line per step, TensorBoard scalars, and ``metrics.jsonl``, and ``samples.jsonl``
 with a few completions and their rewards per step — the file people actually read to see what the model does.
 """
 from __future__ import annotations
@@ -52,6 +52,7 @@ class RunLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(str(run_dir / "tb"))
         self.samples = open(run_dir / "samples.jsonl", "a", encoding="utf-8")
+        self.metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.bar = tqdm(total=total, initial=initial, desc="grpo", unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def note(self, text: str) -> None:
@@ -70,6 +71,8 @@ class RunLogger:
             return
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, step)
+        self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.metrics.flush()
         line = " ".join(f"{label} {fmt.format(metrics[k])}" for k, label, fmt in _CONSOLE if k in metrics)
         self.bar.write(f"step {step:>5} | {line}")
         for sample, rollout, reward in zip(samples, rollouts, rewards):
@@ -86,3 +89,4 @@ class RunLogger:
             self.bar.close()
             self.writer.close()
             self.samples.close()
+            self.metrics.close()

@@ -1,0 +1,87 @@
+"""CoT supervised fine-tuning for reasoning-NER: parse config → (generate CoT data) → build parts → grpo.sft.
+
+    python train_sft.py --config configs/sft_smollm2_conll.yaml
+    python train_sft.py --config configs/sft_smollm2_conll.yaml --max_steps 3 --out_dir runs/sft_smoke
+    torchrun --nproc_per_node=2 train_sft.py --config configs/sft_smollm2_conll.yaml
+Every config field is also a command-line flag (``--help`` lists them). The final checkpoint folder is a plain
+Hugging Face model: pass it as ``--model`` to train_grpo.py.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from grpo.config import parse_config, save_config
+from grpo.distributed import barrier, cleanup, init_distributed, shard_model
+from grpo.grpo_config import _f
+from grpo.models import load_model_and_tokenizer
+from grpo.sft import SFTConfig, tokenize_pairs, train_sft
+from ner.sft_data import limit_empty_answers, read_cot_records, sft_pairs
+
+
+@dataclass
+class NERSFTConfig(SFTConfig):
+    """CoT SFT for reasoning-NER: the SFT fields plus the CoT-generation fields (stage 1, ner.cot)."""
+    dataset: str = _f("", "if set, first generate (or complete) the CoT file `data` from this data set with ner.cot; "
+                          "empty = `data` must already exist")
+    split: str = _f("train", "split for CoT generation")
+    data_dir: str | None = _f(None, "data folder (default $NER_DATA_DIR or ../shared/data)")
+    limit: int = _f(0, "CoT generation: first N sentences (0 = all)")
+    format: str = _f("tagged", "tagged (blog) | json (ReasoningNER); use the GRPO stage's format so SFT → GRPO "
+                               "composes")
+    k_shot: int = _f(2, "few-shot examples per prompt (as in the GRPO stage)")
+    prompt_seed: int = _f(0, "seed of the few-shot choice (as in the GRPO stage)")
+    teacher: str = _f("template", "CoT teacher: template | model spec | http(s)://… (see ner.cot)")
+    cot_mode: str = _f("rationalise", "rationalise (teacher sees gold) | free")
+    max_empty_ratio: float = _f(-1.0, "keep at most this many empty-answer records per record with an entity "
+                                      "(tagged CoNLL is ~2/3 empty; a small model then answers none to all); "
+                                      "negative = keep all")
+
+    def validate(self, world_size: int = 1) -> None:
+        from grpo.config import ConfigError
+        from ner.cot import MODES
+        from ner.prompts import FORMATS
+
+        if self.format not in FORMATS:
+            raise ConfigError(f"format={self.format!r}: expected one of {FORMATS}")
+        if self.cot_mode not in MODES:
+            raise ConfigError(f"cot_mode={self.cot_mode!r}: expected one of {MODES}")
+        super().validate(world_size)
+
+
+def ensure_cot_data(cfg: NERSFTConfig) -> None:
+    """Generate the missing records of ``cfg.data`` (resumable: records already there are kept)."""
+    from ner.cot import build_cot_records, generate_cot, make_teacher
+
+    records, sentences = build_cot_records(cfg.dataset, cfg.split, cfg.format, cfg.limit, cfg.k_shot,
+                                           cfg.prompt_seed, cfg.data_dir)
+    generate_cot(records, sentences, make_teacher(cfg.teacher, seed=cfg.seed), cfg.data, cfg.cot_mode,
+                 log=lambda s: print(s, file=sys.stderr))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(NERSFTConfig, argv)
+    info = init_distributed()
+    torch.manual_seed(cfg.seed)
+    if cfg.dataset and info.rank == 0:
+        ensure_cot_data(cfg)
+    barrier()
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, info.device)
+    records = limit_empty_answers(read_cot_records(cfg.data), cfg.max_empty_ratio, cfg.seed)
+    rows, dropped = tokenize_pairs(tokenizer, sft_pairs(records, tokenizer), cfg.max_len)
+    if info.rank == 0:
+        print(f"sft data: {len(records)} accepted CoT records from {cfg.data}; {dropped} longer than "
+              f"max_len={cfg.max_len} dropped", file=sys.stderr)
+        save_config(cfg, Path(cfg.out_dir) / "config.yaml")
+    model = shard_model(model, info)
+    state = train_sft(cfg, model, tokenizer, rows, info)
+    cleanup()
+    return state
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
