@@ -1,0 +1,56 @@
+"""evaluate.py and ner.evaluation: per-type answers merge into per-sentence predictions; the CLI writes reports."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import evaluate
+from ner.evaluation import score_answers
+from ner.types import Entity, NERDataset, Sentence
+from ner.prompts import build_prompts
+
+
+def _dataset() -> NERDataset:
+    s1 = Sentence("John lives in Paris".split(), [Entity("person", 0, 1, "John"), Entity("location", 3, 4, "Paris")],
+                  id="s1")
+    s2 = Sentence("Rain fell".split(), [], id="s2")
+    return NERDataset("toy", "test", [s1, s2], ["location", "person"],
+                      {"location": "places", "person": "people"})
+
+
+def test_tagged_answers_merge_per_sentence_and_score_by_hand():
+    records = build_prompts(_dataset(), "tagged", k_shot=0)
+    by_key = {(r["sentence_id"], r["types"][0]): r for r in records}
+    answers = {  # s1/location right; s1/person spurious "Paris" instead of John; s2 both empty; one malformed
+        ("s1", "location"): "<think>Paris is a city.</think> <entity>Paris</entity>",
+        ("s1", "person"): "<think>x</think> <entity>Paris</entity>",
+        ("s2", "location"): "<think>none</think> <entity></entity>",
+        ("s2", "person"): "garbage without tags",
+    }
+    completions = [answers[(r["sentence_id"], r["types"][0])] for r in records]
+    report, rows = score_answers(records, completions, ["location", "person"])
+    # gold: John/person, Paris/location = 2; pred: Paris/location (tp), Paris/person (wrong type of a gold text) = 2
+    # → P = 1/2, R = 1/2, F1 = 1/2; the John miss and the Paris/person pred form one wrong-type pair.
+    assert (report.tp, report.n_gold, report.n_pred) == (1, 2, 2)
+    assert report.f1 == pytest.approx(0.5)
+    assert sum(r["format_ok"] for r in rows) == 3 and len(rows) == len(by_key) == 4
+
+
+def test_json_answer_unparseable_counts_gold_as_missed():
+    records = build_prompts(_dataset(), "json", k_shot=0)
+    completions = ['<think>ok</think> {"entities": {"person": ["John"], "location": ["Paris"]}}', "{not json"]
+    report, _ = score_answers(records, completions, ["location", "person"])
+    assert (report.tp, report.n_gold, report.n_pred, report.f1) == (2, 2, 2, 1.0)
+
+
+def test_cli_writes_reports_with_one_row_per_dataset_and_the_average(tmp_path):
+    results = evaluate.main(["--dataset", "conll2003,crossner_politics", "--limit", "1", "--k_shot", "0",
+                             "--max_new_tokens", "8", "--out_dir", str(tmp_path), "--samples", "2"])
+    saved = json.loads((tmp_path / "report.json").read_text())["results"]
+    assert set(saved) == {"conll2003", "crossner_politics", "average"}
+    f1s = [saved[d]["report"]["f1"] for d in ("conll2003", "crossner_politics")]
+    assert saved["average"]["f1"] == pytest.approx(sum(f1s) / 2)
+    assert results["average"]["f1"] == pytest.approx(saved["average"]["f1"])
+    md = (tmp_path / "report.md").read_text()
+    assert "| **average** |" in md and "## conll2003" in md and "### Sample outputs" in md
