@@ -9,27 +9,24 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from grpo.config import parse_config
+from grpo.config import list_option, parse_config
+from grpo.config import option as _f
 from grpo.engine_factory import build_engine
 from grpo.models import load_model_and_tokenizer
 from ner.evaluation import evaluate_dataset
 from ner.metrics import format_table
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class EvalConfig:
+    """Evaluate a model's reasoning-NER F1 (greedy by default) on one or more data sets."""
     model: str = _f("smollm2-135m-instruct", "model: local folder / checkpoint, hub id, or smollm2-135m-instruct")
-    dataset: list[str] = field(default_factory=lambda: ["conll2003"],
-                               metadata={"help": "one or more registered names or data files (comma-separated)"})
+    dataset: list[str] = list_option(["conll2003"], "one or more registered names or data files (comma-separated)")
     split: str = _f("test", "split to evaluate")
     limit: int = _f(500, "first N sentences of each dataset (0 = all)")
     format: str = _f("tagged", "tagged (one prompt per type) | json (all types at once)")

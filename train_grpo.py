@@ -14,7 +14,8 @@ import torch
 from grpo.config import parse_config
 from grpo.distributed import cleanup, init_distributed, shard_model
 from grpo.engine_factory import build_engine
-from grpo.grpo_config import GRPOConfig, _f
+from grpo.config import option as _f
+from grpo.grpo_config import GRPOConfig
 from grpo.models import load_model_and_tokenizer, load_model
 from grpo.trainer import train
 from ner.data import load_ner_dataset
@@ -25,6 +26,7 @@ from ner.rewards import build_reward_fns
 
 @dataclass
 class NERGRPOConfig(GRPOConfig):
+    """GRPO for reasoning-NER: the trainer's fields (grpo/grpo_config.py) plus the task's data and prompt fields."""
     dataset: str = _f("conll2003", "training set: a registered name (conll2003, crossner_ai, …) or a data file")
     split: str = _f("train", "training split")
     data_dir: str | None = _f(None, "data folder (default $NER_DATA_DIR or ../shared/data)")

@@ -16,7 +16,7 @@ import torch
 
 from grpo.config import parse_config, save_config
 from grpo.distributed import barrier, cleanup, init_distributed, shard_model
-from grpo.grpo_config import _f
+from grpo.config import option as _f
 from grpo.models import load_model_and_tokenizer
 from grpo.sft import SFTConfig, tokenize_pairs, train_sft
 from ner.sft_data import limit_empty_answers, read_cot_records, sft_pairs

@@ -303,3 +303,16 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config_to_yaml(cfg))
     return path
+
+
+def option(default, help: str):
+    """A config field with its ``--help`` text: ``lr: float = option(5e-6, "peak learning rate")``."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def list_option(default: list, help: str):
+    return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+
+
+def dict_option(default: dict, help: str):
+    return dataclasses.field(default_factory=lambda: dict(default), metadata={"help": help})

@@ -30,7 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from grpo.sampling import exponential_noise, row_generators, sample_next_tokens
+from grpo.sampling import StopStrings, exponential_noise, row_generators, sample_next_tokens
 
 
 @dataclass
@@ -71,6 +71,15 @@ def _sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     if attention_mask is None or groups == 1 or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    b, h, q, d = query.shape
+    if q == 1 and attention_mask.shape[-2] == 1:
+        # Decode step: fold each K/V head's query group into the query-length axis, (B, Hkv, groups, D), so every
+        # K/V head is read once for its whole group (~1/3 less time than enable_gqa on CPU). Query head
+        # j * groups + g uses K/V head j, as in transformers' repeat_kv.
+        folded = query.reshape(b, key.shape[1], groups, d)
+        out = F.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling)
+        return out.reshape(b, 1, h, d), None
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                          scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
@@ -170,7 +179,7 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def _gqa_attention(model: torch.nn.Module) -> Iterator[None]:
     """Route the model's sdpa attention through `_sdpa_gqa_attention` for the block."""
-    config = model.config
+    config = getattr(model, "config", None)
     original = getattr(config, "_attn_implementation", None)
     if original != "sdpa":
         yield
@@ -194,11 +203,15 @@ def _fsdp_unsharded(model: torch.nn.Module) -> Iterator[None]:
     """
     from torch.distributed.fsdp import FSDPModule
 
-    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not fsdp_modules:
+    named = [(name, m) for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+    if not named:
         yield
         return
-    fsdp_modules[0]._get_fsdp_state()._lazy_init()  # decide the root now so lazy init cannot overwrite our settings
+    fsdp_modules = [m for _, m in named]
+    # Run FSDP's root lazy init now (as the first forward would), so it cannot later overwrite our settings.
+    for name, m in named:
+        if not any(other == "" or name.startswith(other + ".") for other, _ in named if other != name):
+            m._get_fsdp_state()._lazy_init()
     groups = [g for m in fsdp_modules for g in m._get_fsdp_state()._fsdp_param_groups]
     saved = [g.post_forward_mesh_info for g in groups]
     try:
@@ -216,28 +229,6 @@ def _fsdp_unsharded(model: torch.nn.Module) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Engine
-
-class StopStrings:
-    """Incremental stop-string detection on the decoded tail of each completion.
-
-    Every token decodes to at least one byte, so a stop string that ends at the newest token lies within the last
-    len(stop.encode()) tokens; one more token of left context keeps a multi-byte character split at the window edge
-    from hiding it. Decoding only that tail keeps the check O(window) per row and step.
-    """
-
-    def __init__(self, tokenizer, stop: list[str] | None):
-        self.tokenizer = tokenizer
-        self.stop = [s for s in (stop or []) if s]
-        self.window = max((len(s.encode("utf-8")) for s in self.stop), default=0) + 1
-
-    def __bool__(self) -> bool:
-        return bool(self.stop)
-
-    def hits(self, completions: list[list[int]]) -> list[bool]:
-        tails = self.tokenizer.batch_decode([ids[-self.window:] for ids in completions], skip_special_tokens=False,
-                                            clean_up_tokenization_spaces=False)
-        return [any(s in tail for s in self.stop) for tail in tails]
-
 
 def default_eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     """Union of the tokenizer's EOS and the model's (generation) config EOS ids (chat models often list several)."""
@@ -301,7 +292,9 @@ class TorchEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_tokens = max_batch_tokens
-        self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else default_eos_token_ids(model, tokenizer))
+        if eos_token_ids is None:
+            eos_token_ids = default_eos_token_ids(model, tokenizer)
+        self.eos_token_ids = set(eos_token_ids)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else min(self.eos_token_ids, default=0)
         # Finished rows leave the batch once they are at least this fraction of it (compaction copies the KV cache).
@@ -317,7 +310,10 @@ class TorchEngine:
     def generate(self, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None, *,
                  ignore_eos: bool = False) -> list[Rollout]:
-        """len(prompts) * n rollouts, prompt i's samples at [i*n : (i+1)*n]. ignore_eos (benchmarks) never stops on EOS."""
+        """len(prompts) * n rollouts, prompt i's samples at [i*n : (i+1)*n].
+
+        seed None draws one from torch's global RNG. ignore_eos (for benchmarks) never stops on EOS.
+        """
         _check_args(prompts, n, max_new_tokens, temperature, top_p, stop)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())  # follows torch.manual_seed

@@ -6,21 +6,12 @@ round's mini-batches, as in PPO / GRPO's μ). With μ = 1 and one mini-batch the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from grpo.config import ConfigError
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-def _list(default: list, help: str):
-    return field(default_factory=lambda: list(default), metadata={"help": help})
-
-
-def _dict(default: dict, help: str):
-    return field(default_factory=lambda: dict(default), metadata={"help": help})
+from grpo.config import dict_option as _dict
+from grpo.config import list_option as _list
+from grpo.config import option as _f
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Token sampling for rollouts: temperature, nucleus (top-p), greedy, and per-row seeded randomness.
+"""Token sampling for rollouts (temperature, nucleus, greedy, per-row seeded randomness) and stop-string detection.
 
 Sampling uses the exponential race (equivalently Gumbel-max): with E_k ~ Exp(1) i.i.d., argmax_k p_k / E_k is a
 draw from p. Each row (one prompt sample) owns a generator seeded from (seed, row id) that supplies its E vector at
@@ -64,3 +64,25 @@ def sample_next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
     tokens = (probs / noise).argmax(dim=-1)  # exponential race; dropped (zero-mass) tokens score 0 and never win
     logprobs = logp.gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logprobs
+
+
+class StopStrings:
+    """Incremental stop-string detection on the decoded tail of each completion.
+
+    Every token decodes to at least one byte, so a stop string that ends at the newest token lies within the last
+    len(stop.encode()) tokens; one more token of left context keeps a multi-byte character split at the window edge
+    from hiding it. Decoding only that tail keeps the check O(window) per row and step.
+    """
+
+    def __init__(self, tokenizer, stop: list[str] | None):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.window = max((len(s.encode("utf-8")) for s in self.stop), default=0) + 1
+
+    def __bool__(self) -> bool:
+        return bool(self.stop)
+
+    def hits(self, completions: list[list[int]]) -> list[bool]:
+        tails = self.tokenizer.batch_decode([ids[-self.window:] for ids in completions], skip_special_tokens=False,
+                                            clean_up_tokenization_spaces=False)
+        return [any(s in tail for s in self.stop) for tail in tails]

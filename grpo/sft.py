@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from grpo.config import ConfigError
-from grpo.grpo_config import _f
+from grpo.config import option as _f
 
 IGNORE = -100
 

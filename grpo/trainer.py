@@ -212,9 +212,8 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
 
         # 3. Reference and old log-probs, only when the configuration needs them.
         ref_logp = frozen_logprobs(ref_model, batch, cfg) if cfg.beta > 0 else None
-        if cfg.kl_in_reward:
-            kl_seq = (algos.kl_penalty(batch.rollout_logprobs, ref_logp, "k1") * batch.completion_mask).sum(-1)
-            rewards = rewards - cfg.beta * kl_seq
+        if cfg.kl_in_reward:  # the rollout log-probs are π_old's: the sampled policy's KL to the reference
+            rewards = algos.kl_in_reward(rewards, batch.rollout_logprobs, ref_logp, batch.completion_mask, cfg.beta)
         old_logp = frozen_logprobs(policy, batch, cfg) if cfg.needs_old_logprobs else None
         times["reference"] = time.perf_counter() - t
         t = time.perf_counter()
