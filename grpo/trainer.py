@@ -129,6 +129,9 @@ def policy_update(policy, optimizer, scheduler, batch: RolloutBatch, advantages:
                                             num_seqs=num_seqs, max_len=cfg.max_completion_len)
                 loss.backward()  # shard_model makes FSDP2 SUM gradients over ranks: Σ_ranks = the global loss
                 pm["loss"] = loss.detach()
+                if epoch == 0 and old_logp is None:  # on-policy: this forward IS π_old, so the gap costs nothing
+                    pm["engine_logprob_gap"] = algos.masked_mean(
+                        (logp.detach() - mb.rollout_logprobs.to(device)).abs(), mb.completion_mask.to(device))
                 pm["entropy"] = algos.masked_mean(entropy, mask)
                 # Token-weighted share of the global mini-batch: summed over micro-batches and ranks, the metrics
                 # become global token means (and the loss the global loss).

@@ -100,3 +100,39 @@ def test_two_rank_update_equals_one_process_update(tmp_path, loss_agg):
     assert two["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-5, abs=1e-7)
     for name, tensor in one["state"].items():
         torch.testing.assert_close(two["state"][name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_non_finite_gradient_skips_the_update_and_keeps_the_weights():
+    sys.path.insert(0, str(ROOT / "tests" / "dist_scripts"))
+    from grpo_update import global_rollouts
+
+    from grpo.batch import collate_rollouts
+    from grpo.distributed import DistInfo
+    from grpo.grpo_config import GRPOConfig
+    from grpo.models import tiny_llama
+    from grpo.optim import build_optimizer, build_scheduler
+    from grpo.trainer import policy_update
+
+    cfg = GRPOConfig(reward_weights={"r": 1.0}, prompts_per_step=2, group_size=4, micro_batch_size=4, beta=0.0,
+                     max_completion_len=8, lr=1e-2)
+    policy = tiny_llama(vocab_size=128, hidden=32, layers=2, heads=2, seed=3)
+    optimizer = build_optimizer(policy, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, 2, 0.0, "constant")
+    prompts, completions, old, advantages = global_rollouts()
+    batch = collate_rollouts(prompts, completions, old, pad_id=0)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    poisoned = policy.model.layers[0].mlp.up_proj.weight
+    handle = poisoned.register_hook(lambda g: torch.full_like(g, float("nan")))
+    metrics = policy_update(policy, optimizer, scheduler, batch, advantages, batch.completion_mask, None, None,
+                            cfg, info)
+    handle.remove()
+    assert metrics["skipped_updates"] == 1.0
+    for n, p in policy.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert all(p.grad is None for p in policy.parameters())  # nothing left over to leak into the next update
+    metrics = policy_update(policy, optimizer, scheduler, batch, advantages, batch.completion_mask, None, None,
+                            cfg, info)  # and the next, healthy update does move the weights
+    assert "skipped_updates" not in metrics and not torch.equal(poisoned, before["model.layers.0.mlp.up_proj.weight"])
+    # Same weights as the engine that sampled them, so the on-policy log-prob gap is just the rollouts' fake values.
+    assert metrics["engine_logprob_gap"] > 0
