@@ -1,0 +1,174 @@
+"""One GRPO step, this project vs TRL's GRPOTrainer, side by side on this machine (SmolLM2-135M-Instruct, fp32, CPU).
+
+Both sides run the same step: 4 short chat prompts × G=4 completions × exactly 32 new tokens, T=1, top_p=1, μ=1
+(on-policy, one optimizer update on all 16 rows in one micro-batch), β=0.04 with a frozen reference model (k3 KL in
+the loss), seq-mean aggregation (TRL loss_type="grpo"), group-scaled advantages, AdamW at lr 5e-6 (constant),
+fp32, CPU, 2 threads (OMP_NUM_THREADS=2, torch.set_num_threads(2), OMP_WAIT_POLICY=PASSIVE). The reward has no
+bearing on speed: distinct characters / 10, same function on both sides (only there to make advantages non-zero).
+Exact length: EOS is suppressed on both sides: TorchEngine.generate(..., ignore_eos=True) here, and TRL
+GRPOConfig(generation_kwargs={"min_new_tokens": 32}) (TRL has no ignore_eos); the table's last column checks that
+every step produced 16 × 32 = 512 completion tokens.
+
+Each framework runs in its own process (bench/_project_side.py with this interpreter, bench/_trl_side.py with the
+TRL venv's python from bench/setup_trl.sh), interleaved project, TRL, project, TRL; each process loads the model,
+runs --steps steps and drops the first (warm-up). s/step = median of the timed steps (project: generate → score →
+π_ref log-probs → advantages → policy_update, i.e. grpo.trainer.train's step without its logging/checkpoint tail;
+TRL: TrainerCallback on_step_begin → on_step_end, which brackets its generation, scoring, reference forward and
+update). Model FLOPs per step, the same figure for both: 10 · params · T (generation 2, reference forward 2,
+policy forward+backward 6; T = all prompt + completion tokens of the 16 rows, prompts counted once per row);
+"% matmul peak" is against the best of a 2048² fp32 torch.matmul timed in the bench process (start and end).
+VmHWM is /proc/self/status of each side's process at its end (two models + AdamW state + the step), median over
+rounds. Loss check: the project side samples a fixed batch (prompts cut to one common length, because TRL's
+training forward passes no position_ids and left padding would shift its RoPE positions; π_ref log-probs = the
+policy's own + N(0, 0.3²) noise so the KL term is not trivially 0; group advantages from the reward); the project's
+policy_loss + β·kl_penalty + aggregate_loss and TRL's GRPOTrainer._compute_loss are evaluated on it with the same
+initial weights.
+
+Command (setup once: bash bench/setup_trl.sh, TRL 1.16.0 with --no-deps into ~/.cache/grpo-ner/venv-trl):
+    python bench/grpo_step.py --rounds 2 --steps 3
+
+Measured 2026-11-23 13:16-13:20 UTC, 2-core shared Xeon (AVX-512), torch 2.13.0+cpu, transformers 5.19.0,
+TRL 1.16.0. Load average 0.12 (1 min) at the start, 1.93 at the end (other agents' jobs came back during the run;
+the spread of the timed steps, 10.4 vs 13.9 s for the project, is that load). Whole bench 3 min 43 s.
+4 prompts × G=4 × 32 new tokens; params 134.5 M; prompt+completion tokens/step 1104; fp32 matmul peak 333 GFLOP/s.
+
+| framework | s/step (median) | completion tok/s | model GFLOP/s (10·params·tokens) | % matmul peak | VmHWM MiB | loss on fixed batch | timed step walls (s) | completion tokens/step |
+|---|---|---|---|---|---|---|---|---|
+| this project | 11.89 | 43.1 | 124.9 | 37.5 | 5064 | 0.001647 | 13.24 / 10.43 / 13.89 / 10.53 | [512] |
+| TRL GRPOTrainer 1.16.0 | 16.70 | 30.7 | 88.9 | 26.7 | 4405 | 0.001647 | 16.94 / 15.92 / 17.83 / 16.46 | [512] |
+
+Speed project / TRL: 1.40x (the issue's goal of >= 2x is NOT met on this step); peak RSS project / TRL: 1.15 (the
+project uses ~660 MiB more); |loss difference| on the fixed batch: 0 (bit-identical in fp32). Warm-up steps
+(dropped): project 16.33 / 13.99 s, TRL 20.31 / 17.90 s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Shared by both sides (they import this module): the step being measured.
+PROMPTS = [[{"role": "user", "content": text}] for text in (
+    "Name three rivers in Europe.",
+    "What is the capital of Japan?",
+    "Give me a synonym for 'happy'.",
+    "Write one sentence about the sea.")]
+G = 4            # completions per prompt
+MAX_NEW = 32     # new tokens per completion, forced exactly (EOS suppressed on both sides)
+BETA = 0.04      # KL coefficient: both sides run a frozen reference model
+LR = 5e-6
+THREADS = 2
+BENCH_DIR = Path(__file__).resolve().parent
+TRL_PYTHON = Path(os.environ.get("TRL_VENV", Path.home() / ".cache/grpo-ner/venv-trl")) / "bin/python"
+
+
+def reward_values(texts: list[str]) -> list[float]:
+    """Reward-independent benchmark: any cheap score with spread inside a group (distinct characters / 10)."""
+    return [len(set(t)) / 10.0 for t in texts]
+
+
+def vmhwm_mib() -> float:
+    """Peak resident set size of this process (VmHWM), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
+def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
+    """Best-of-reps fp32 FLOP/s of an n×n torch.matmul (2n³ FLOPs) in this process."""
+    import torch
+    torch.set_num_threads(THREADS)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def run_side(framework: str, steps: int, new: int, loss_batch: str) -> dict:
+    python = sys.executable if framework == "project" else str(TRL_PYTHON)
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [python, str(BENCH_DIR / f"_{framework}_side.py"), "--steps", str(steps), "--new", str(new),
+               "--out", out.name]
+        if loss_batch:
+            cmd += ["--loss_batch", loss_batch]
+        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
+               "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL if framework == "trl" else None)
+        result = json.loads(Path(out.name).read_text())
+    result["process_s"] = time.perf_counter() - t
+    return result
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=2, help="project, TRL, project, TRL, … (one process each)")
+    ap.add_argument("--steps", type=int, default=2, help="steps per process; the first is warm-up, not counted")
+    ap.add_argument("--new", type=int, default=MAX_NEW, help="new tokens per completion")
+    args = ap.parse_args()
+    if not TRL_PYTHON.exists():
+        sys.exit(f"{TRL_PYTHON} missing: run bash bench/setup_trl.sh first")
+    load_before = uptime()
+    peak = matmul_peak_flops()
+    runs: dict[str, list[dict]] = {"project": [], "trl": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        loss_batch = str(Path(tmp) / "batch.pt")
+        for r in range(args.rounds):
+            for fw in ("project", "trl"):  # project first: it writes the fixed loss batch TRL reads in round 0
+                res = run_side(fw, args.steps, args.new, loss_batch if r == 0 else "")
+                runs[fw].append(res)
+                print(f"round {r} {fw}: step walls {[round(s['wall_s'], 2) for s in res['steps']]} "
+                      f"VmHWM {res['vmhwm_mib']:.0f} MiB, process {res['process_s']:.0f} s", file=sys.stderr)
+    peak = max(peak, matmul_peak_flops())
+    load_after = uptime()
+    n_rows = len(PROMPTS) * G
+    prompt_tokens = runs["project"][0]["steps"][0]["prompt_tokens"]
+    params = runs["project"][0]["params"]
+    # Model FLOPs of one step, the same figure for both frameworks: generation 2·P·T (prefill + decode, prompt
+    # counted once per row), reference forward 2·P·T, policy forward+backward 6·P·T, T = all prompt + completion
+    # tokens of the step's N rows.
+    tokens = prompt_tokens + n_rows * args.new
+    step_flops = 10 * params * tokens
+    rows = {}
+    for fw, results in runs.items():
+        timed = [s for res in results for s in res["steps"][1:]] or [s for res in results for s in res["steps"]]
+        wall = statistics.median(s["wall_s"] for s in timed)
+        comp = [s["completion_tokens"] for s in timed if s["completion_tokens"] is not None]
+        rows[fw] = {"wall": wall, "walls": [s["wall_s"] for s in timed], "tok_s": n_rows * args.new / wall,
+                    "flops": step_flops / wall, "hwm": statistics.median(r["vmhwm_mib"] for r in results),
+                    "loss": results[0].get("loss_fixed_batch"), "comp": comp}
+    print(f"\nload before: {load_before}\nload after:  {load_after}")
+    print(f"{len(PROMPTS)} prompts × G={G} × {args.new} new tokens, μ=1, β={BETA}, fp32, CPU, {THREADS} threads; "
+          f"params {params / 1e6:.1f} M, prompt+completion tokens/step {tokens}; "
+          f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s\n")
+    print("| framework | s/step (median) | completion tok/s | model GFLOP/s (10·params·tokens) | % matmul peak "
+          "| VmHWM MiB | loss on fixed batch | timed step walls (s) | completion tokens/step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for fw, name in (("project", "this project"), ("trl", "TRL GRPOTrainer")):
+        r = rows[fw]
+        print(f"| {name} | {r['wall']:.2f} | {r['tok_s']:.1f} | {r['flops'] / 1e9:.2f} | {100 * r['flops'] / peak:.1f} "
+              f"| {r['hwm']:.0f} | {r['loss']:.6f} | {' / '.join(f'{w:.2f}' for w in r['walls'])} "
+              f"| {sorted(set(r['comp']))} |")
+    speed = rows["trl"]["wall"] / rows["project"]["wall"]
+    print(f"\nspeed ratio project / TRL (tokens/s): {speed:.2f}x; memory ratio project / TRL (VmHWM): "
+          f"{rows['project']['hwm'] / rows['trl']['hwm']:.2f}; "
+          f"|loss difference| on the fixed batch: {abs(rows['project']['loss'] - rows['trl']['loss']):.2e}")
+
+
+if __name__ == "__main__":
+    main()
