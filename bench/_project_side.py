@@ -8,7 +8,6 @@ max_new tokens. With --loss_batch it first writes a fixed batch (for TRL's _comp
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -64,12 +63,7 @@ def make_loss_batch(policy, tok, prompt_ids: list[list[int]], engine: TorchEngin
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--new", type=int, default=common.MAX_NEW)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--loss_batch", default="")
-    args = ap.parse_args()
+    args = common.side_args()
     torch.set_num_threads(common.THREADS)
     torch.manual_seed(0)
     cfg = GRPOConfig(prompts_per_step=len(common.PROMPTS), group_size=common.G, max_completion_len=args.new,

@@ -8,7 +8,6 @@ ignore_eos; min_new_tokens masks EOS until then). Per-step wall time comes from 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -58,12 +57,7 @@ def trl_loss_on(trainer: GRPOTrainer, batch: dict) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--new", type=int, default=common.MAX_NEW)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--loss_batch", default="")
-    args = ap.parse_args()
+    args = common.side_args()
     torch.set_num_threads(common.THREADS)
     n_rows = len(common.PROMPTS) * common.G
     with tempfile.TemporaryDirectory() as out_dir:

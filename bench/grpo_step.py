@@ -73,6 +73,16 @@ def reward_values(texts: list[str]) -> list[float]:
     return [len(set(t)) / 10.0 for t in texts]
 
 
+def side_args() -> argparse.Namespace:
+    """Command line of bench/_project_side.py and bench/_trl_side.py."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--new", type=int, default=MAX_NEW)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--loss_batch", default="")
+    return ap.parse_args()
+
+
 def vmhwm_mib() -> float:
     """Peak resident set size of this process (VmHWM), MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -3,12 +3,22 @@
 Layout of one row: ``[pad … pad | prompt | completion | pad … pad]`` — prompts left-padded to P tokens, completions
 right-padded to C tokens. Every completion then starts at column P, so the logits that predict completion token t sit
 at column P − 1 + t for all rows, and the forward only needs the last C + 1 positions' logits.
+
+Shared prompt prefix: GRPO scores G completions of the same prompt, so a micro-batch usually holds a few distinct
+prompts many times over. `completion_logprobs` then runs each distinct prompt once (keeping its K/V, with
+gradients), fans that K/V out to the prompt's rows, and runs only the completions on top. The result is the same
+function of the weights as the plain pass (tested to fp32 round-off, gradients included); the gradient of the
+shared K/V is summed over its rows by autograd. With few-shot prompts of ~250 tokens, G = 8 and 96-token
+completions, this runs 1018 instead of 2768 tokens per group.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import inspect
+
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from grpo.logprobs import token_entropy, token_logprobs
 
@@ -52,14 +62,62 @@ def collate_rollouts(prompt_ids: list[list[int]], completion_ids: list[list[int]
 
 
 def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: float,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log π(o_t | q, o_<t) of every completion token, [N, C], at the sampling temperature (+ entropy [N, C])."""
-    C = batch.completion_mask.shape[1]
+                        with_entropy: bool = False, share_prompts: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(o_t | q, o_<t) of every completion token, [N, C], at the sampling temperature (+ entropy [N, C]).
+
+    share_prompts: run each distinct prompt of the batch once (see the module docstring) when the batch repeats a
+    prompt and the model supports it (a plain full-attention KV cache, no gradient checkpointing in training).
+    """
+    P, C = batch.prompt_len, batch.completion_mask.shape[1]
     device = next(model.parameters()).device
-    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                position_ids=batch.position_ids.to(device), use_cache=False, logits_to_keep=C + 1)
-    logits = out.logits[:, :-1, :]          # [N, C, V]: column j predicts completion token j
-    targets = batch.input_ids[:, batch.prompt_len:].to(device)
-    logp = token_logprobs(logits, targets, temperature)
-    entropy = token_entropy(logits.detach(), temperature) if with_entropy else None
+    targets = batch.input_ids[:, P:].to(device)
+    # Rows are the same prompt when ids AND mask agree (pad = eos chat models have the pad id inside prompts too).
+    prompt_keys = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], dim=1)
+    distinct, fan = torch.unique(prompt_keys, dim=0, return_inverse=True)
+    if share_prompts and len(distinct) < len(batch) and _supports_shared_prefix(model):
+        first, rest = _shared_prefix_logits(model, batch, distinct[:, :P], distinct[:, P:], fan, device)
+        parts = [(first, targets[:, :1])] + ([(rest, targets[:, 1:])] if rest is not None else [])
+    else:
+        out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                    position_ids=batch.position_ids.to(device), use_cache=False, logits_to_keep=C + 1)
+        parts = [(out.logits[:, :-1, :], targets)]  # [N, C, V]: column j predicts completion token j
+    logp = torch.cat([token_logprobs(logits, t, temperature) for logits, t in parts], dim=1)
+    entropy = torch.cat([token_entropy(logits.detach(), temperature) for logits, _ in parts], dim=1) \
+        if with_entropy else None
     return logp, entropy
+
+
+def _supports_shared_prefix(model: torch.nn.Module) -> bool:
+    if model.training and getattr(model, "is_gradient_checkpointing", False):
+        return False  # transformers turns the KV cache off under gradient checkpointing in training
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return False
+    cache = DynamicCache(config=model.config)
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _shared_prefix_logits(model: torch.nn.Module, batch: RolloutBatch, prompt_ids: torch.Tensor,
+                          prompt_mask: torch.Tensor, fan: torch.Tensor, device: torch.device
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits predicting completion token 0 ([N, 1, V]) and tokens 1..C−1 ([N, C−1, V], None if C = 1).
+
+    prompt_ids / prompt_mask [U, P]: the distinct prompts, left-padded; fan [N]: each row's distinct prompt.
+    """
+    P, C = batch.prompt_len, batch.completion_mask.shape[1]
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0).to(device), past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    fan = fan.to(device)
+    first = out.logits[fan]
+    if C == 1:
+        return first, None
+    for layer in cache.layers:  # fan the prompt K/V out to the rows (differentiable gather: gradients sum back)
+        layer.keys, layer.values = layer.keys[fan], layer.values[fan]
+    # The last completion token predicts nothing, so only tokens 0..C−2 are fed.
+    out = model(input_ids=batch.input_ids[:, P:P + C - 1].to(device),
+                attention_mask=batch.attention_mask[:, :P + C - 1].to(device),
+                position_ids=batch.position_ids[:, P:P + C - 1].to(device), past_key_values=cache,
+                use_cache=True, logits_to_keep=0)
+    return first, out.logits

@@ -67,6 +67,8 @@ class GRPOConfig:
     warmup_ratio: float = _f(0.1, "linear warmup as a fraction of all optimizer updates")
     lr_scheduler: str = _f("cosine", "cosine | linear | constant")
     max_grad_norm: float = _f(0.1, "global gradient-norm clip")
+    share_prompt_prefix: bool = _f(True, "score each distinct prompt of a micro-batch once and reuse its K/V for "
+                                         "its completions (same result; off under gradient checkpointing)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory, costs ~30% time)")
 
     # --- bookkeeping

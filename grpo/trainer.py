@@ -80,7 +80,8 @@ def step_prompt_indices(step: int, cfg: GRPOConfig, n_prompts: int, info: DistIn
 @torch.no_grad()
 def frozen_logprobs(model: torch.nn.Module, batch: RolloutBatch, cfg: GRPOConfig) -> torch.Tensor:
     """Log-probs of the completions under a model that is not being differentiated (π_old or π_ref), [N, C]."""
-    parts = [completion_logprobs(model, batch.select(slice(i, i + cfg.micro_batch_size)), cfg.temperature)[0]
+    parts = [completion_logprobs(model, batch.select(slice(i, i + cfg.micro_batch_size)), cfg.temperature,
+                                 share_prompts=cfg.share_prompt_prefix)[0]
              for i in range(0, len(batch), cfg.micro_batch_size)]
     return torch.cat(parts).float().cpu()
 
@@ -100,8 +101,13 @@ def policy_update(policy, optimizer, scheduler, batch: RolloutBatch, advantages:
     updates = 0
     device = next(policy.parameters()).device
     for epoch in range(cfg.mu):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919 * epoch)) \
-            if cfg.num_mini_batches > 1 else torch.arange(n)
+        order = torch.arange(n)
+        if cfg.num_mini_batches > 1:
+            gen, g = torch.Generator().manual_seed(cfg.seed + 7919 * epoch), cfg.group_size
+            if (n // g) % cfg.num_mini_batches == 0:  # shuffle whole groups: a micro-batch then repeats few prompts
+                order = (torch.randperm(n // g, generator=gen)[:, None] * g + torch.arange(g)).flatten()
+            else:
+                order = torch.randperm(n, generator=gen)
         for m in range(cfg.num_mini_batches):
             rows = order[m * mini:(m + 1) * mini]
             num_tokens = all_reduce_sum(float(loss_mask[rows].sum()))
@@ -111,7 +117,8 @@ def policy_update(policy, optimizer, scheduler, batch: RolloutBatch, advantages:
                 idx = rows[start:start + cfg.micro_batch_size]
                 mb = batch.select(idx)
                 mask = loss_mask[idx].to(device)
-                logp, entropy = completion_logprobs(policy, mb, cfg.temperature, with_entropy=True)
+                logp, entropy = completion_logprobs(policy, mb, cfg.temperature, with_entropy=True,
+                                                    share_prompts=cfg.share_prompt_prefix)
                 old = old_logp[idx].to(device) if old_logp is not None else logp.detach()
                 per_token, pm = algos.policy_loss(logp, old, advantages[idx].to(device), mask,
                                                   cfg.eps_low, cfg.eps_high, cfg.dual_clip)

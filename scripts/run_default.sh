@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# The main job on the embedded default (SmolLM2-135M-Instruct, CPU, ~45 minutes on 2 free cores):
+# The main job on the embedded default (SmolLM2-135M-Instruct, CPU; 99 minutes on 2 shared cores on 2026-11-23):
 #   stage 1+2  CoT data from gold labels (offline template teacher) and CoT tuning   configs/sft_smollm2_conll.yaml
 #   stage 3    GRPO with the blog's rewards                                         configs/grpo_smollm2_conll.yaml
-#   then       dev F1 of base, SFT and SFT→GRPO on the same CoNLL-2003 dev sentences
+#   then       F1 of base, SFT and SFT→GRPO on the same CoNLL-2003 dev and test sentences
 # Every stage resumes where it stopped (--resume auto), so re-running after an interruption continues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
-LIMIT="${EVAL_LIMIT:-50}"
+DEV_LIMIT="${DEV_LIMIT:-100}"
+TEST_LIMIT="${TEST_LIMIT:-200}"
 
 python train_sft.py --config configs/sft_smollm2_conll.yaml
 python train_grpo.py --config configs/grpo_smollm2_conll.yaml --resume auto
 for model in smollm2-135m-instruct runs/sft_smollm2_conll runs/grpo_smollm2_conll; do
   name="$(basename "$model")"
-  python evaluate.py --model "$model" --dataset conll2003 --split dev --limit "$LIMIT" --format tagged \
-      --max_new_tokens 96 --out_dir "outputs/dev_${name}"
+  for split in dev test; do
+    limit="$DEV_LIMIT"; [ "$split" = test ] && limit="$TEST_LIMIT"
+    python evaluate.py --model "$model" --dataset conll2003 --split "$split" --limit "$limit" --format tagged \
+        --max_new_tokens 96 --out_dir "outputs/${split}_${name}"
+  done
 done
-echo "reports: outputs/dev_*/report.md"
+echo "reports: outputs/{dev,test}_*/report.md"

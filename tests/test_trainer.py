@@ -84,14 +84,15 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert 1 <= step < 400 and history(tmp_path)[-1]["step"] == step
 
 
-@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean"])
-def test_two_rank_update_equals_one_process_update(tmp_path, loss_agg):
+@pytest.mark.parametrize("loss_agg,shared", [("token_mean", ""), ("seq_mean", ""), ("seq_mean", "shared")])
+def test_two_rank_update_equals_one_process_update(tmp_path, loss_agg, shared):
     script = ROOT / "tests" / "dist_scripts" / "grpo_update.py"
-    single = subprocess.run([sys.executable, str(script), str(tmp_path), loss_agg], env=ENV, capture_output=True,
-                            text=True, timeout=120)
+    extra = [shared] if shared else []
+    single = subprocess.run([sys.executable, str(script), str(tmp_path), loss_agg, *extra], env=ENV,
+                            capture_output=True, text=True, timeout=120)
     assert single.returncode == 0, single.stderr[-3000:]
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            str(script), str(tmp_path), loss_agg], env=ENV, capture_output=True, text=True,
+                            str(script), str(tmp_path), loss_agg, *extra], env=ENV, capture_output=True, text=True,
                            timeout=240)
     assert multi.returncode == 0, multi.stderr[-3000:]
     one, two = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")

@@ -1,7 +1,10 @@
 """One GRPO policy update (grpo.trainer.policy_update) on a fixed global batch of rollouts.
 
-    python tests/dist_scripts/grpo_update.py OUT LOSS_AGG                                    # 1 process, all rows
+    python tests/dist_scripts/grpo_update.py OUT LOSS_AGG [shared]                           # 1 process, all rows
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_scripts/grpo_update.py OUT LOSS_AGG
+
+`shared`: each prompt is repeated over 2 adjacent rows (as G completions of one prompt are), so every micro-batch
+takes the shared-prompt-prefix forward (two FSDP2 forwards per backward).
 
 Each rank trains on its contiguous half of the rows (as the trainer's prompt split does); rank 0 writes
 OUT/world{W}.pt with the full weights after the update and the update's metrics, for tests/test_trainer.py.
@@ -25,17 +28,19 @@ from grpo.trainer import policy_update  # noqa: E402
 ROWS, VOCAB = 8, 128
 
 
-def global_rollouts():
+def global_rollouts(shared: bool = False):
     """8 rollouts with prompt lengths 3..6 and completion lengths 1..8, so normalisers differ between ranks."""
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(1, VOCAB, (3 + i % 4,), generator=gen).tolist() for i in range(ROWS)]
+    if shared:
+        prompts = [prompts[i - i % 2] for i in range(ROWS)]
     completions = [torch.randint(1, VOCAB, (1 + (5 * i) % 8,), generator=gen).tolist() for i in range(ROWS)]
     old = [(-torch.rand(len(c), generator=gen) * 3).tolist() for c in completions]
     advantages = torch.randn(ROWS, generator=gen)
     return prompts, completions, old, advantages
 
 
-def main(out: str, loss_agg: str) -> None:
+def main(out: str, loss_agg: str, shared: bool) -> None:
     torch.set_num_threads(1)
     info = init_distributed()
     cfg = GRPOConfig(reward_weights={"r": 1.0}, prompts_per_step=2, group_size=4, micro_batch_size=2,
@@ -44,7 +49,7 @@ def main(out: str, loss_agg: str) -> None:
     policy = shard_model(tiny_llama(vocab_size=VOCAB, hidden=32, layers=2, heads=2, seed=3), info)
     optimizer = build_optimizer(policy, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     scheduler = build_scheduler(optimizer, 1, 0.0, "constant")
-    prompts, completions, old, advantages = global_rollouts()
+    prompts, completions, old, advantages = global_rollouts(shared)
     rows = slice(info.rank * ROWS // info.world_size, (info.rank + 1) * ROWS // info.world_size)
     batch = collate_rollouts(prompts[rows], completions[rows], old[rows], pad_id=0)
     metrics = policy_update(policy, optimizer, scheduler, batch, advantages[rows], batch.completion_mask,
@@ -57,4 +62,4 @@ def main(out: str, loss_agg: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:] == ["shared"])
