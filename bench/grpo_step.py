@@ -40,6 +40,17 @@ the spread of the timed steps, 10.4 vs 13.9 s for the project, is that load). Wh
 Speed project / TRL: 1.40x (the issue's goal of >= 2x is NOT met on this step); peak RSS project / TRL: 1.15 (the
 project uses ~660 MiB more); |loss difference| on the fixed batch: 0 (bit-identical in fp32). Warm-up steps
 (dropped): project 16.33 / 13.99 s, TRL 20.31 / 17.90 s.
+
+Re-measured 2026-11-23 16:57-17:04 UTC after the shared prompt prefix (grpo/batch.py), same command, load average 0.43
+at the start and 1.53 at the end; the machine was about half as fast as above (matmul peak 155 GFLOP/s):
+
+| framework | s/step (median) | completion tok/s | model GFLOP/s | % matmul peak | VmHWM MiB | loss on fixed batch | timed step walls (s) |
+|---|---|---|---|---|---|---|---|
+| this project | 23.23 | 22.0 | 63.92 | 41.3 | 4423 | 0.001647 | 22.49 / 20.21 / 23.97 / 28.61 |
+| TRL GRPOTrainer 1.16.0 | 35.42 | 14.5 | 41.92 | 27.1 | 4394 | 0.001647 | 34.23 / 30.30 / 36.84 / 36.62 |
+
+Speed project / TRL: 1.52x (goal 2x not met); memory 1.01; |loss difference| 2.98e-08 (fp32 round-off of the
+shared-prefix forward).
 """
 from __future__ import annotations
 
