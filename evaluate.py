@@ -35,7 +35,7 @@ class EvalConfig:
     max_new_tokens: int = _f(256, "generation budget per answer")
     temperature: float = _f(0.0, "0 = greedy")
     batch_size: int = _f(32, "prompts per engine call")
-    engine: str = _f("torch", "torch | vllm | auto")
+    engine: str = _f("auto", "torch | vllm | auto (vllm on a CUDA machine with vLLM installed, else torch)")
     max_batch_tokens: int = _f(65536, "torch engine memory bound")
     match: str = _f("exact", "span matching: exact | normalized (UniversalNER-style)")
     dtype: str = _f("float32", "model dtype")

@@ -143,7 +143,8 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
     model.eval()
     params = sum(p.numel() for p in model.parameters())
-    engines = {"HF generate": None, "TorchEngine": TorchEngine(model, tokenizer)}
+    engines = {"HF generate": None, "TorchEngine": TorchEngine(model, tokenizer),
+               "TorchEngine, plain nn.Linear": TorchEngine(model, tokenizer, pack_weights=False)}
     try:
         import vllm  # noqa: F401
 
@@ -166,7 +167,7 @@ def main() -> None:
             for name, engine in engines.items():
                 if engine is None:
                     elapsed = run_hf(model, tokenizer, prompts, args.new)
-                elif name == "TorchEngine":
+                elif name.startswith("TorchEngine"):
                     elapsed = run_engine(engine, prompts, args.new, seed=rep, ignore_eos=True)
                 else:
                     elapsed = run_engine(engine, prompts, args.new, seed=rep)

@@ -13,13 +13,13 @@ completions, this runs 1018 instead of 2768 tokens per group.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
-import inspect
-
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
+from grpo.kv_cache import plain_full_attention
 from grpo.logprobs import token_entropy, token_logprobs
 
 
@@ -91,10 +91,7 @@ def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature
 def _supports_shared_prefix(model: torch.nn.Module) -> bool:
     if model.training and getattr(model, "is_gradient_checkpointing", False):
         return False  # transformers turns the KV cache off under gradient checkpointing in training
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        return False
-    cache = DynamicCache(config=model.config)
-    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+    return "logits_to_keep" in inspect.signature(model.forward).parameters and plain_full_attention(model)
 
 
 def _shared_prefix_logits(model: torch.nn.Module, batch: RolloutBatch, prompt_ids: torch.Tensor,

@@ -1,7 +1,24 @@
 """Pick a rollout engine by name. Both engines implement ``grpo.engine.RolloutEngine``."""
 from __future__ import annotations
 
+import importlib.util
+
 import torch
+
+
+def resolve_engine_name(name: str, cuda_available: bool | None = None, vllm_installed: bool | None = None) -> str:
+    """``auto`` → ``vllm`` on a CUDA machine with vLLM installed, else ``torch``; other names pass through.
+
+    On GPUs vLLM's paged attention and CUDA graphs generate far faster than a Python decode loop; on CPU the torch
+    engine shares the training module (no second copy of the weights, no sync) and is the tested default.
+    """
+    if name != "auto":
+        return name
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if vllm_installed is None:
+        vllm_installed = importlib.util.find_spec("vllm") is not None
+    return "vllm" if cuda_available and vllm_installed else "torch"
 
 
 def build_engine(name: str, model: torch.nn.Module, tokenizer, *, max_batch_tokens: int = 65536,
@@ -9,14 +26,9 @@ def build_engine(name: str, model: torch.nn.Module, tokenizer, *, max_batch_toke
                  seed: int = 0):
     """``torch``: generates with the very module being trained (no weight copy, no sync cost).
     ``vllm``: an in-process vLLM engine built from the module's weights, re-synced in memory after each update.
-    ``auto``: vllm when it imports and a GPU is present, else torch.
+    ``auto``: see `resolve_engine_name`.
     """
-    if name == "auto":
-        try:
-            import vllm  # noqa: F401
-            name = "vllm" if torch.cuda.is_available() else "torch"
-        except ImportError:
-            name = "torch"
+    name = resolve_engine_name(name)
     if name == "torch":
         from grpo.engine import TorchEngine
 

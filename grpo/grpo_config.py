@@ -31,7 +31,8 @@ class GRPOConfig:
     temperature: float = _f(1.0, "sampling temperature; the trainer scores log-probs at the same temperature")
     top_p: float = _f(1.0, "nucleus sampling")
     stop: list[str] = _list([], "extra stop strings (kept in the completion), e.g. </entity>")
-    engine: str = _f("torch", "rollout engine: torch (shares the module) | vllm (colocated, weights synced in memory)")
+    engine: str = _f("auto", "rollout engine: torch (shares the module) | vllm (colocated, weights synced in memory) "
+                     "| auto (vllm on a CUDA machine with vLLM installed, else torch)")
     max_batch_tokens: int = _f(65536, "torch engine: (prompt+new) tokens × rows per generation chunk (memory bound)")
     vllm_kv_cache_gib: float = _f(1.0, "vllm engine: KV cache size on CPU (GiB)")
     vllm_gpu_memory_utilization: float = _f(0.3, "vllm engine: fraction of GPU memory on GPU")
@@ -89,7 +90,7 @@ class GRPOConfig:
                 problems.append(msg)
 
         choices = {"adv_scale": ("group", "batch", "none"), "loss_agg": ("seq_mean", "token_mean", "constant"),
-                   "kl_estimator": ("k1", "k2", "k3"), "engine": ("torch", "vllm"),
+                   "kl_estimator": ("k1", "k2", "k3"), "engine": ("torch", "vllm", "auto"),
                    "rollout_correction": ("none", "token", "sequence"),
                    "rollout_correction_mode": ("truncate", "mask"),
                    "lr_scheduler": ("cosine", "linear", "constant")}

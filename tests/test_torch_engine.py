@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from grpo.engine import Rollout, TorchEngine, plan_chunks  # noqa: E402
+from grpo.engine import Rollout, TorchEngine, plan_chunks, prefix_groups  # noqa: E402
 from grpo.models import tiny_llama  # noqa: E402
 from grpo.sampling import exponential_noise, row_generators, sample_next_tokens  # noqa: E402
 
@@ -161,6 +161,59 @@ def test_plan_chunks_respects_the_budget():
     assert plan_chunks([10, 10, 5, 5, 5], 6, 40) == [(0, 2), (2, 5)]
     # a row wider than the budget still gets a chunk of its own
     assert plan_chunks([50, 3], 6, 40) == [(0, 1), (1, 2)]
+
+
+def test_prefix_groups_by_hand():
+    head = [1] * 40
+    a1, a2 = head + [2] * 140 + [3, 4, 5], head + [2] * 140 + [6, 7]   # pairs sharing 180 tokens, all sharing 40
+    b1, b2 = head + [9] * 140 + [3], head + [9] * 140 + [8, 8]
+    lone = [5, 5, 5]
+    groups = prefix_groups([a1, b1, lone, a2, b2])
+    # 2 pairs saving 180 each beat one group of 4 saving 3 * 40; the loner shares nothing
+    assert sorted(groups) == [(0, [2]), (180, [0, 3]), (180, [1, 4])]
+    assert prefix_groups([head + [1], head + [2], head + [3]]) == [(40, [0, 1, 2])]
+    # an identical prompt still keeps one token to feed after the prefix
+    assert prefix_groups([head, head]) == [(39, [0, 1])]
+    # saving fewer than min_saved tokens is not worth a second pass
+    assert prefix_groups([[1, 2, 3], [1, 2, 4]], min_saved=8) == [(0, [0]), (0, [1])]
+
+
+def test_prefix_groups_invariants():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        prompts = [torch.randint(0, 3, (int(torch.randint(1, 30, (), generator=gen)),), generator=gen).tolist()
+                   for _ in range(int(torch.randint(1, 12, (), generator=gen)))]
+        groups = prefix_groups(prompts, min_saved=2)
+        assert sorted(i for _, members in groups for i in members) == list(range(len(prompts)))
+        for shared, members in groups:
+            assert all(shared < len(prompts[i]) for i in members)
+            assert len({tuple(prompts[i][:shared]) for i in members}) == 1
+
+
+def test_shared_prefix_prefill_changes_nothing_but_the_work(smollm2):
+    """Few-shot prompts that share a system prompt and examples: the same greedy text and log-probs (which also
+    match teacher forcing) with and without prefix sharing, and with sharing the prefill feeds fewer tokens."""
+    model, tok = smollm2
+    shots = "Example: Peter Blackburn BRUSSELS 1996-08-22\n<entity>Peter Blackburn</entity>\n"
+    contents = [f"{shots}Find the person entities: {s}" for s in
+                ("EU rejects German call to boycott British lamb .", "Germany 's representative said on Wednesday .",
+                 "Fischler proposed EU-wide measures .")] + ["Hi"]
+    texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+             for c in contents]
+    prompts = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    fed = []
+    shared_engine = TorchEngine(model, tok)
+    original = shared_engine._logits
+    shared_engine._logits = lambda ids, *args: fed.append(ids.numel()) or original(ids, *args)
+    shared = shared_engine.generate(prompts, n=2, max_new_tokens=12, temperature=0)
+    plain = TorchEngine(model, tok, share_prefixes=False).generate(prompts, n=2, max_new_tokens=12, temperature=0)
+    assert [r.completion_ids for r in shared] == [r.completion_ids for r in plain]
+    for s, p in zip(shared, plain):
+        assert max(abs(a - b) for a, b in zip(s.logprobs, p.logprobs)) < 1e-4
+        assert (torch.tensor(s.logprobs) - teacher_forced_logprobs(model, s, 1.0)).abs().max().item() < 1e-4
+    # Prefill = group prefixes, then suffixes, padded: 2 x 60 + 4 x 15 tokens (3 prompts share 60, "Hi" shares
+    # nothing worth a pass), against 4 x 75 without sharing.
+    assert len(fed) == 2 + 11 and sum(fed[:2]) <= 0.6 * len(prompts) * max(len(p) for p in prompts)
 
 
 # ---------------------------------------------------------------- tiny llama: seeds, chunking, EOS, modes

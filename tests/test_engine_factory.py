@@ -1,0 +1,37 @@
+"""grpo.engine_factory: `auto` picks vLLM only on a CUDA machine that has it; names map to real engines."""
+from __future__ import annotations
+
+import pytest
+
+from grpo.engine import TorchEngine
+from grpo.engine_factory import build_engine, resolve_engine_name
+from grpo.grpo_config import GRPOConfig
+from grpo.models import tiny_llama
+
+
+@pytest.mark.parametrize("cuda, vllm, expected", [(True, True, "vllm"), (True, False, "torch"),
+                                                  (False, True, "torch"), (False, False, "torch")])
+def test_auto_prefers_vllm_only_on_cuda_with_vllm(cuda, vllm, expected):
+    assert resolve_engine_name("auto", cuda_available=cuda, vllm_installed=vllm) == expected
+
+
+def test_explicit_names_are_kept():
+    assert resolve_engine_name("torch", cuda_available=True, vllm_installed=True) == "torch"
+    assert resolve_engine_name("vllm", cuda_available=False, vllm_installed=False) == "vllm"
+
+
+def test_auto_on_this_cpu_machine_builds_the_torch_engine(smollm2_tokenizer):
+    model = tiny_llama(vocab_size=len(smollm2_tokenizer), seed=0)
+    engine = build_engine("auto", model, smollm2_tokenizer)
+    assert isinstance(engine, TorchEngine) and engine.model is model
+    with pytest.raises(ValueError, match="unknown engine 'tpu'"):
+        build_engine("tpu", model, smollm2_tokenizer)
+
+
+def test_grpo_config_defaults_to_auto_and_accepts_it():
+    cfg = GRPOConfig(reward_weights={"f1": 1.0})
+    assert cfg.engine == "auto"
+    cfg.validate(world_size=1)
+    cfg.engine = "tpu"
+    with pytest.raises(ValueError, match="engine='tpu'"):
+        cfg.validate(world_size=1)
