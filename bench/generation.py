@@ -144,7 +144,8 @@ def main() -> None:
     model.eval()
     params = sum(p.numel() for p in model.parameters())
     engines = {"HF generate": None, "TorchEngine": TorchEngine(model, tokenizer),
-               "TorchEngine, plain nn.Linear": TorchEngine(model, tokenizer, pack_weights=False)}
+               "TorchEngine, no packing / prefix sharing": TorchEngine(model, tokenizer, pack_weights=False,
+                                                                       share_prefixes=False)}
     try:
         import vllm  # noqa: F401
 

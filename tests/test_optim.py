@@ -23,6 +23,30 @@ def test_param_groups_split_by_ndim():
     assert total == sum(p.numel() for p in model.parameters())  # every parameter exactly once
 
 
+def test_update_is_textbook_adamw():
+    """Two steps of build_optimizer's AdamW (fused on CPU) against the AdamW formula written out by hand."""
+    model = tiny_llama(layers=1)
+    lr, (b1, b2), wd, eps = 0.01, (0.9, 0.95), 0.1, 1e-8
+    opt = build_optimizer(model, lr=lr, betas=(b1, b2), weight_decay=wd, eps=eps)
+    assert opt.defaults["fused"]
+    gen = torch.Generator().manual_seed(0)
+    params = dict(model.named_parameters())
+    expected = {n: p.detach().clone() for n, p in params.items()}
+    m = {n: torch.zeros_like(p) for n, p in expected.items()}
+    v = {n: torch.zeros_like(p) for n, p in expected.items()}
+    for t in (1, 2):
+        for name, p in params.items():
+            p.grad = torch.randn(p.shape, generator=gen)
+            decay = wd if p.ndim >= 2 else 0.0
+            m[name] = b1 * m[name] + (1 - b1) * p.grad
+            v[name] = b2 * v[name] + (1 - b2) * p.grad**2
+            m_hat, v_hat = m[name] / (1 - b1**t), v[name] / (1 - b2**t)
+            expected[name] = expected[name] * (1 - lr * decay) - lr * m_hat / (v_hat.sqrt() + eps)
+        opt.step()
+    for name, p in params.items():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6)
+
+
 def test_weight_decay_is_decoupled_and_skips_norms():
     model = tiny_llama(layers=1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
