@@ -9,28 +9,31 @@ over a square fp32 torch.matmul timed in the same process.
 Command:
     OMP_WAIT_POLICY=PASSIVE python bench/generation.py --repeats 3
 
-Measured 2026-11-23 (2-core shared Xeon with AVX-512, torch 2.13 CPU, 2 threads, OMP_WAIT_POLICY=PASSIVE). Other
-agents were using the machine (load average 3.3 -> 5.7 over the run: process CPU time ~= wall time, i.e. about one
-core effectively ours, and the matmul peak measured at the start was 83 GFLOP/s against ~165-300 on a quieter
-machine, so "% peak" is relative to that depressed figure). Earlier runs (under other loads, before the decode
-attention fold and the faster noise draw) gave 1.6-2.5x (32 rows) and 1.2-1.4x (8 rows).
+Measured 2026-12-03 08:18-08:40 UTC (2-core AMD EPYC with AVX-512, torch 2.13 CPU, 2 threads,
+OMP_WAIT_POLICY=PASSIVE; load average 1.2-1.8, other jobs shared the cores, so only ratios within a repeat compare).
+"no packing / prefix sharing" is TorchEngine(pack_weights=False, share_prefixes=False): the engine as it was before
+those two changes, measured in the same run.
 
 | sequences x new tokens | engine | tokens/s (wall, median) | x HF (wall) | x HF (CPU time) | % fp32 matmul peak | wall times (s) |
 |---|---|---|---|---|---|---|
-| 32 x 128 (prompt 179-240 tok) | HF generate | 36.4 | 1.00 | 1.00 | 11.8 | 127.1 / 112.6 / 103.7 |
-| 32 x 128 (prompt 179-240 tok) | TorchEngine | 85.9 | 2.36 | 2.20 | 28.0 | 46.4 / 47.7 / 48.5 |
-| 8 x 128 (prompt 205-228 tok) | HF generate | 33.8 | 1.00 | 1.00 | 11.0 | 29.2 / 30.3 / 30.9 |
-| 8 x 128 (prompt 205-228 tok) | TorchEngine | 47.8 | 1.42 | 1.40 | 15.6 | 21.3 / 22.0 / 21.4 |
+| 32 x 128 (prompt 179-240 tok) | HF generate | 36.7 | 1.00 | 1.00 | 6.1 | 147.5 / 111.6 / 85.0 |
+| 32 x 128 (prompt 179-240 tok) | TorchEngine | 98.2 | 2.68 | 2.44 | 16.3 | 45.7 / 41.7 / 40.6 |
+| 32 x 128 (prompt 179-240 tok) | TorchEngine, no packing / prefix sharing | 69.4 | 1.89 | 1.52 | 11.5 | 83.7 / 59.0 / 54.6 |
+| 8 x 128 (prompt 205-228 tok) | HF generate | 29.7 | 1.00 | 1.00 | 4.9 | 36.5 / 34.5 / 33.8 |
+| 8 x 128 (prompt 205-228 tok) | TorchEngine | 61.3 | 2.07 | 2.23 | 10.2 | 15.0 / 16.7 / 19.6 |
+| 8 x 128 (prompt 205-228 tok) | TorchEngine, no packing / prefix sharing | 40.8 | 1.38 | 1.29 | 6.8 | 24.2 / 26.0 / 25.1 |
 
 vLLM column: skipped (`import vllm` fails in the main interpreter; vLLM lives in its own venv).
 
-Why 8 rows gains less: a decode step must stream all 540 MB of fp32 weights from DRAM whatever the batch size (the
-tied 113 MB lm_head alone takes ~25 ms at the ~4.5 GB/s this process gets), so at 8 rows both engines sit near that
-floor (~120 ms/step) and TorchEngine only removes HF's extra K/V traffic (repeat_kv for GQA under a padding mask,
-torch.cat of the cache) and its sampling overhead. At 32 rows that extra traffic grows with batch x context and HF
-pays it every layer and step, so the gap widens. The ~3.5 s (8 rows) / ~13 s (32 rows) prefill is common to both.
-Preallocated KV cache vs transformers' DynamicCache inside TorchEngine (32 rows, context 240-300, interleaved
-steps, median): 218 vs 287 ms per decode step.
+Where the time goes at 8 rows (torch.profiler over 20 decode steps, this machine): before, a decode step took
+~145-165 ms, ~110 ms of it in aten::mm. The 540 MB of weights were streamed at only ~4-5 GB/s, far below the
+~30 GB/s a plain `sum()` reads, because the default CPU GEMM repacks each weight panel on every call (costly at
+M = 8). With oneDNN weights packed once per call (grpo/packed_linear.py, bench/packed_linear.py) the linears take
+~60 ms and a step ~100 ms: linears 60, SDPA over the K/V cache 17, sampling 5, the rest elementwise ops and Python.
+Prefill (~3.5-4 s for 8 prompts of ~215 tokens, compute-bound) is cut by prefix sharing: the bench's prompts cycle
+through 4 entity types, and the prompts of a type share 164-168 tokens (system prompt, instructions, few-shot
+examples), so 665 of 1727 prompt tokens are not re-run at 8 rows, and 4655 of 6622 at 32.
+Earlier runs of the old engine: 2.36x (32 rows) and 1.42x (8 rows) on 2026-11-23.
 """
 from __future__ import annotations
 

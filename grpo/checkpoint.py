@@ -37,11 +37,10 @@ import torch
 from torch import nn
 
 from grpo.config import config_to_dict, config_to_yaml
-from grpo.distributed import (DistInfo, barrier, broadcast_object, get_rank, get_world_size, grads_are_finite,
-                              is_main, is_sharded)
+from grpo.distributed import DistInfo, barrier, broadcast_object, get_rank, get_world_size, is_main, is_sharded
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "GracefulExit",
-           "install_sigterm_handler", "grads_are_finite"]
+           "install_sigterm_handler"]
 
 COMPLETE = "COMPLETE"
 _NAME = re.compile(r"^checkpoint-(\d{7,})$")

@@ -219,6 +219,10 @@ def full_state_dict(model: nn.Module, broadcast: bool = False) -> dict[str, torc
 def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
     """Clip gradients to a global L2 norm of ``max_norm``; return the global norm before clipping.
 
+    The norm is inf/nan when any gradient on any rank is (or is so large that its square overflows): callers then
+    skip the optimizer step, so one reduction serves both the clip and the finiteness check. (The clip has then
+    scaled the gradients by nan, which is harmless: they are zeroed before the next backward.)
+
     Works for plain and FSDP2 (DTensor) parameters alike: on sharded parameters ``clip_grad_norm_`` combines the
     shards into the norm of the full gradient (a replicated DTensor), identical to the single-process value.
     """
@@ -231,16 +235,3 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     return float(norm.item())
-
-
-def grads_are_finite(model: nn.Module) -> bool:
-    """True when every gradient on every rank is finite (collective: call on all ranks).
-
-    Lets the trainer skip an optimizer step whose gradients hold inf/nan instead of writing them into the weights.
-    """
-    from torch.distributed.tensor import DTensor
-
-    checks = [torch.isfinite(g.to_local() if isinstance(g, DTensor) else g).all()
-              for g in (p.grad for p in model.parameters()) if g is not None]
-    locally_finite = bool(torch.stack(checks).all().item()) if checks else True
-    return all_reduce_max(0.0 if locally_finite else 1.0) == 0.0

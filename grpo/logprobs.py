@@ -22,7 +22,21 @@ from typing import Iterator
 import torch
 from torch.autograd.function import once_differentiable
 
-DEFAULT_CHUNK_ROWS = 1024  # 1024 rows x 152k vocab x 4 bytes = 0.6 GB of float32 scratch per chunk
+DEFAULT_CHUNK_ROWS = 1024  # accelerators: 1024 rows x 152k vocab x 4 bytes = 0.6 GB of float32 scratch per chunk
+CPU_CHUNK_BYTES = 16 << 20  # CPU: chunks of ~16 MiB float32 scratch
+
+
+def default_chunk_rows(logits: torch.Tensor) -> int:
+    """Rows per chunk when the caller names none.
+
+    On CPU a chunk's scratch stays under glibc's 32 MiB mmap threshold, so it is recycled from the heap instead of
+    being mapped fresh and page-faulted in for every chunk (and stays cache-friendly): forward + backward +
+    entropy over [16, 32, 49152] fp32 logits took 0.22 s in 85-row chunks against 0.58 s in 1024-row chunks here.
+    On accelerators large chunks mean fewer kernel launches.
+    """
+    if logits.device.type == "cpu":
+        return max(1, CPU_CHUNK_BYTES // (logits.shape[-1] * 4))
+    return DEFAULT_CHUNK_ROWS
 
 
 def _check_inputs(logits: torch.Tensor, tokens: torch.Tensor | None, temperature: float, chunk_size: int) -> None:
@@ -110,7 +124,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
-                   chunk_size: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+                   chunk_size: int | None = None) -> torch.Tensor:
     """log pi(tokens | context) under the temperature-scaled policy, computed in row chunks.
 
         logp[b, t] = log_softmax(logits[b, t, :] / temperature)[tokens[b, t]]
@@ -125,18 +139,20 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
             were actually drawn from, otherwise ratio = exp(logp - old_logp) and the KL are off by a
             systematic, token-dependent factor even when the weights are identical.
         chunk_size: rows (of the flattened B*T) processed at once; peak scratch is chunk_size x V float32.
+            None: `default_chunk_rows`.
 
     Returns:
         [B, T] float32 (float64 if the logits are float64), differentiable w.r.t. logits; the gradient
         comes back in the logits' dtype.
     """
+    chunk_size = default_chunk_rows(logits) if chunk_size is None else chunk_size
     _check_inputs(logits, tokens, temperature, chunk_size)
     return _ChunkedTokenLogprobs.apply(logits, tokens, float(temperature), int(chunk_size))
 
 
 @torch.no_grad()
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0,
-                  chunk_size: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+                  chunk_size: int | None = None) -> torch.Tensor:
     """Entropy of the temperature-scaled next-token distribution at every position, in row chunks.
 
         z = logits[b, t] / temperature,  log p = z - logsumexp(z)
@@ -150,6 +166,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0,
     Returns:
         [B, T] float32 (float64 for float64 logits), in nats, each in [0, log V].
     """
+    chunk_size = default_chunk_rows(logits) if chunk_size is None else chunk_size
     _check_inputs(logits, None, temperature, chunk_size)
     B, T, _ = logits.shape
     acc = _accum_dtype(logits)

@@ -229,7 +229,7 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[Sequenc
 def _train_step(model, optimizer, scheduler, data: Sequence[Row], step: int, cfg: SFTConfig, info, pad_id: int
                 ) -> dict:
     """One optimizer step (index ``step``) on this rank's share of the step's rows; returns the step's metrics."""
-    from grpo.distributed import all_reduce_sum, clip_grad_norm, grads_are_finite
+    from grpo.distributed import all_reduce_sum, clip_grad_norm
 
     t0 = time.perf_counter()
     per_rank = cfg.batch_size * cfg.grad_accum
@@ -239,10 +239,9 @@ def _train_step(model, optimizer, scheduler, data: Sequence[Row], step: int, cfg
     n_targets = all_reduce_sum(float(sum(r.n_targets for r in mine)))
     n_tokens = all_reduce_sum(float(sum(len(r.input_ids) for r in mine)))
     nll = accumulate_gradients(model, micro, pad_id, n_targets)
-    finite = grads_are_finite(model)
-    grad_norm = float("nan")
+    grad_norm = clip_grad_norm(model.parameters(), cfg.max_grad_norm or float("inf"))
+    finite = math.isfinite(grad_norm)  # an inf/nan gradient (on any rank) never reaches the weights
     if finite:
-        grad_norm = clip_grad_norm(model.parameters(), cfg.max_grad_norm or float("inf"))
         optimizer.step()
     # A non-finite gradient skips the update, not the step: the schedule and the data order stay aligned.
     optimizer.zero_grad(set_to_none=True)

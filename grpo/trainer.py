@@ -31,8 +31,7 @@ import torch.distributed as dist
 
 from grpo import algos
 from grpo.batch import RolloutBatch, collate_rollouts, completion_logprobs
-from grpo.checkpoint import (grads_are_finite, install_sigterm_handler, latest_checkpoint, load_checkpoint,
-                             save_checkpoint)
+from grpo.checkpoint import install_sigterm_handler, latest_checkpoint, load_checkpoint, save_checkpoint
 from grpo.config import config_to_yaml
 from grpo.distributed import DistInfo, all_reduce_sum, clip_grad_norm
 from grpo.grpo_config import GRPOConfig
@@ -147,8 +146,9 @@ def policy_update(policy, optimizer, scheduler, batch: RolloutBatch, advantages:
                     metrics[k] = metrics.get(k, 0.0) + float(v) * (1.0 if k == "loss" else share)
             if info.world_size > 1:
                 metrics = {k: all_reduce_sum(v) for k, v in metrics.items()}
-            if grads_are_finite(policy):
-                metrics["grad_norm"] = clip_grad_norm(policy.parameters(), cfg.max_grad_norm)
+            grad_norm = clip_grad_norm(policy.parameters(), cfg.max_grad_norm)
+            if math.isfinite(grad_norm):  # an inf/nan gradient (on any rank) never reaches the weights
+                metrics["grad_norm"] = grad_norm
                 optimizer.step()
                 scheduler.step()
             else:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -16,7 +17,7 @@ import torch
 from grpo.checkpoint import (COMPLETE, GracefulExit, install_sigterm_handler, latest_checkpoint, list_checkpoints,
                              load_checkpoint, save_checkpoint)
 from grpo.config import parse_config
-from grpo.distributed import clip_grad_norm, grads_are_finite
+from grpo.distributed import clip_grad_norm
 from grpo.models import tiny_llama
 from grpo.optim import build_optimizer, build_scheduler
 
@@ -183,16 +184,20 @@ def test_graceful_exit_turns_sigterm_into_a_flag():
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
-def test_grads_are_finite_detects_nan_and_inf():
+def test_clip_grad_norm_is_the_global_norm_and_flags_nan_and_inf():
+    """The trainers skip an update when the returned norm is not finite, so it must be inf/nan iff a grad is."""
     model = tiny_llama(layers=1)
-    assert grads_are_finite(model)  # no gradients yet: nothing non-finite
+    assert clip_grad_norm(model.parameters(), 1.0) == 0.0  # no gradients yet
     batch = torch.randint(0, 256, (2, 8))
-    model(input_ids=batch, labels=batch).loss.backward()
-    assert grads_are_finite(model)
-    grad = model.model.layers[0].mlp.up_proj.weight.grad
-    grad[3, 5] = float("nan")
-    assert not grads_are_finite(model)
-    grad[3, 5] = float("inf")
-    assert not grads_are_finite(model)
-    grad[3, 5] = 0.0
-    assert grads_are_finite(model)
+
+    def fresh_grads():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=batch, labels=batch).loss.backward()
+        return model.model.layers[0].mlp.up_proj.weight.grad
+
+    fresh_grads()
+    by_hand = sum(float((p.grad.double() ** 2).sum()) for p in model.parameters()) ** 0.5
+    assert clip_grad_norm(model.parameters(), float("inf")) == pytest.approx(by_hand, rel=1e-5)
+    for poison in (float("nan"), float("inf"), -float("inf")):
+        fresh_grads()[3, 5] = poison
+        assert not math.isfinite(clip_grad_norm(model.parameters(), 1.0))

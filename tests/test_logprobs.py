@@ -127,3 +127,21 @@ def test_matches_naive_log_softmax(B, T, V, chunk, temperature, shift, seed):
     tokens = torch.randint(0, V, (B, T), generator=gen)
     out = token_logprobs(logits, tokens, temperature, chunk_size=chunk)
     torch.testing.assert_close(out.double(), naive_logprobs(logits, tokens, temperature), atol=1e-5, rtol=0)
+
+
+def test_default_cpu_chunks_are_16_mib_and_exact():
+    from grpo.logprobs import default_chunk_rows
+
+    assert default_chunk_rows(torch.empty(1, 1, 49152)) == 85  # floor(16 MiB / (49152 * 4 B))
+    assert default_chunk_rows(torch.empty(1, 1, 152064)) == 27
+    assert default_chunk_rows(torch.empty(1, 1, 10**8)) == 1   # a huge vocabulary still gets one row per chunk
+    # 3 x 70 = 210 rows over a 60k vocabulary: default chunks of 69 rows, borders inside batch rows.
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 70, 60000, generator=gen, dtype=torch.float64).float().requires_grad_(True)
+    tokens = torch.randint(0, 60000, (3, 70), generator=gen)
+    got = token_logprobs(logits, tokens, 0.7)
+    torch.testing.assert_close(got.double(), naive_logprobs(logits.detach(), tokens, 0.7), rtol=0, atol=1e-5)
+    got.sum().backward()
+    expected = torch.softmax(logits.detach().double() / 0.7, -1).neg_()
+    expected.scatter_add_(-1, tokens[..., None], torch.ones(3, 70, 1, dtype=torch.float64))
+    torch.testing.assert_close(logits.grad.double(), expected / 0.7, rtol=0, atol=1e-6)
