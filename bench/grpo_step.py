@@ -51,6 +51,17 @@ at the start and 1.53 at the end; the machine was about half as fast as above (m
 
 Speed project / TRL: 1.52x (goal 2x not met); memory 1.01; |loss difference| 2.98e-08 (fp32 round-off of the
 shared-prefix forward).
+
+Re-measured 2026-12-03 (2-core AMD EPYC, AVX-512; load average 0.8-1.5), same command, twice on the same machine:
+after the engine's prepacked linears and prefix sharing 18.88 vs 31.97 s/step (1.69x); then after fused AdamW, one
+gradient-norm reduction for clip + non-finite skip, and 16 MiB CPU log-prob chunks (matmul peak 137 GFLOP/s):
+
+| framework | s/step (median) | completion tok/s | model GFLOP/s | % matmul peak | VmHWM MiB | loss on fixed batch | timed step walls (s) |
+|---|---|---|---|---|---|---|---|
+| this project | 14.93 | 34.3 | 99.48 | 72.5 | 4232 | 0.001647 | 14.87 / 19.06 / 14.99 / 13.33 |
+| TRL GRPOTrainer 1.16.0 | 30.83 | 16.6 | 48.16 | 35.1 | 4411 | 0.001647 | 34.93 / 30.14 / 31.53 / 29.01 |
+
+Speed project / TRL: 2.07x (goal 2x met); memory 0.96; |loss difference| 0.
 """
 from __future__ import annotations
 

@@ -9,8 +9,18 @@ within each round; the table gives the median pass time and the weight bytes str
 Command:
     OMP_WAIT_POLICY=PASSIVE python bench/packed_linear.py --rounds 7
 
-Measured 2026-12-03 (2-core AMD EPYC with AVX-512, torch 2.13 CPU, 2 threads, OMP_WAIT_POLICY=PASSIVE):
-see the table in the README (Benchmarks).
+Measured 2026-12-03 09:02 UTC (2-core AMD EPYC with AVX-512, torch 2.13 CPU, 2 threads, OMP_WAIT_POLICY=PASSIVE,
+load average 0.9), 538 MB of weights:
+
+| rows M | nn.Linear ms | packed ms | speed-up | nn.Linear GB/s | packed GB/s | sum() GB/s |
+|---|---|---|---|---|---|---|
+| 1 | 56.1 | 52.3 | 1.07x | 9.6 | 10.3 | 15.6 |
+| 8 | 103.8 | 57.5 | 1.81x | 5.2 | 9.4 | 15.2 |
+| 32 | 140.3 | 83.8 | 1.67x | 3.8 | 6.4 | 15.6 |
+| 256 | 549.0 | 442.7 | 1.24x | 1.0 | 1.2 | 16.0 |
+
+Packing all 211 weights (once per generate call): 237 ms. max |packed - F.linear| on one layer (fp32
+accumulation order): 3.4e-05.
 """
 from __future__ import annotations
 

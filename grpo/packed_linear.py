@@ -1,15 +1,15 @@
 """Inference-only fast path for every `nn.Linear` on CPU: oneDNN with weights prepacked once per block.
 
 Why: a decode step multiplies a handful of rows (M = live sequences) by every weight matrix. PyTorch's default CPU
-GEMM repacks the weight panel on every call, which for small M costs more than the arithmetic, so it streams weights
-at ~4-7 GB/s where the memory system gives ~30 (`sum()` over the same bytes). oneDNN with a weight reordered once
-into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the layout inductor's CPU freezing pass uses)
-skips that work: measured here on SmolLM2-135M's 211 weight matrices, 1.9x faster at M = 8, 1.6x at M = 32 and
-1.4-2x at M = 256 (bench/packed_linear.py). Results differ from `F.linear` by fp32 accumulation order only
-(~1e-6 relative).
+GEMM repacks the weight panel on every call, which for small M costs more than the arithmetic: over SmolLM2-135M's
+211 weight matrices it streams 4-5 GB/s at M = 8-32 where a plain `sum()` reads ~15. oneDNN with each weight
+reordered once into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the layout inductor's CPU
+freezing pass uses) skips that work: 1.8x faster at M = 8, 1.7x at M = 32, 1.2x at M = 256, no gain at M = 1
+(bench/packed_linear.py). Full training-sized forwards (M in the thousands) gain nothing, so only the engine uses it.
+Results differ from `F.linear` by fp32 accumulation order only (~1e-6 relative).
 
 `packed_linears(model)` packs each plain `nn.Linear`'s current weight on entry (one read + write of the weights,
-~0.1 s for 135M parameters) and routes its forward through the packed copy until exit, so a pack never outlives the
+~0.25 s for 135M parameters) and routes its forward through the packed copy until exit, so a pack never outlives the
 weights it was made from: the module stays the single source of truth and `TorchEngine.update_weights` stays free.
 Only for blocks without autograd (generation, π_old / π_ref scoring): the packed op has no backward, so the context
 refuses to pack when gradients are enabled.
