@@ -320,10 +320,13 @@ class TorchEngine:
         Prompts that start alike (`prefix_groups`: a shared system prompt, instructions, few-shot examples) have
         that prefix run once per group, fanned out, and only their own suffixes run on top, as vLLM's prefix
         caching would. Row layout: [pad | group prefix | pad | own suffix]; position ids count real tokens only, so
-        the holes change nothing but the work done.
+        the holes change nothing but the work done. (The KV cache is then up to the longest prefix + longest suffix
+        wide, at most twice the chunk's planned prompt width.)
         """
         pad = self.pad_token_id
-        groups = prefix_groups(prompts) if self.share_prefixes and plain_full_attention(self.model) else []
+        # A 1-token loner would leave an all-padding row in the prefix pass; such chunks take the plain path.
+        shareable = self.share_prefixes and min(map(len, prompts)) > 1 and plain_full_attention(self.model)
+        groups = prefix_groups(prompts) if shareable else []
         if not any(len(members) > 1 for _, members in groups):
             ids, mask = left_pad(prompts, pad)
             cache = new_cache(self.model, ids.shape[1] + max_new)

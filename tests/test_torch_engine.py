@@ -218,6 +218,21 @@ def test_shared_prefix_prefill_changes_nothing_but_the_work(smollm2):
 
 # ---------------------------------------------------------------- tiny llama: seeds, chunking, EOS, modes
 
+def test_prefix_sharing_equals_plain_prefill_on_tiny(tiny):
+    """Groups, loners and a 1-token prompt (which turns sharing off for its chunk) against share_prefixes=False."""
+    model, tok, _ = tiny
+    head = [1, 17, 230, 4000, 12, 99, 5, 6, 7, 8, 9, 10]
+    prompts = [head + [50, 51], head + [60], head + [50, 52, 53], [1, 800, 801], [7]]
+    for batch in (prompts[:4], prompts):
+        shared = TorchEngine(model, tok).generate(batch, n=2, max_new_tokens=8, temperature=1.0, seed=3)
+        plain = TorchEngine(model, tok, share_prefixes=False).generate(batch, n=2, max_new_tokens=8,
+                                                                       temperature=1.0, seed=3)
+        assert [r.completion_ids for r in shared] == [r.completion_ids for r in plain]
+        for s, p in zip(shared, plain):
+            assert max(abs(a - b) for a, b in zip(s.logprobs, p.logprobs)) < 1e-5
+            assert all(math.isfinite(x) for x in s.logprobs)
+
+
 def test_seeded_sampling_is_deterministic_and_chunking_independent(tiny):
     model, tok, prompts = tiny
     kwargs = dict(n=3, max_new_tokens=10, temperature=1.0, top_p=0.95)
