@@ -34,6 +34,8 @@ def packing_available() -> bool:
 def _packable(module: nn.Module) -> bool:
     if type(module) is not nn.Linear:  # subclasses (LoRA, quantised layers) have forwards of their own
         return False
+    if "forward" in module.__dict__:  # already routed (a nested block, or someone else's patch): leave it alone
+        return False
     weight = module.weight
     return (type(weight) in (torch.Tensor, nn.Parameter) and weight.device.type == "cpu"
             and weight.dtype in _PACKABLE_DTYPES and weight.dim() == 2

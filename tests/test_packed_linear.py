@@ -72,3 +72,15 @@ def test_forward_is_restored_when_the_block_raises():
     with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), packed_linears(layer):
         raise RuntimeError("boom")
     assert "forward" not in layer.__dict__
+
+
+def test_nested_blocks_leave_the_outer_pack_in_place():
+    layer = nn.Linear(16, 8)
+    x = torch.randn(2, 16)
+    with torch.no_grad(), packed_linears(layer) as outer:
+        packed_forward = layer.__dict__["forward"]
+        with packed_linears(layer) as inner:
+            assert (outer, inner) == (1, 0)
+        assert layer.__dict__["forward"] is packed_forward
+        torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias, rtol=1e-5, atol=1e-5)
+    assert "forward" not in layer.__dict__
