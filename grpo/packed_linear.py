@@ -59,7 +59,7 @@ def packed_linears(model: nn.Module, enabled: bool = True, batch_hint: int = 8) 
     if not enabled or not packing_available() or torch.is_grad_enabled():
         yield 0
         return
-    # Tied weights (lm_head = embed_tokens) are packed once per tensor.
+    # Linear layers that share one weight tensor get one pack.
     packs: dict[int, torch.Tensor] = {}
     patched: list[nn.Module] = []
     try:
