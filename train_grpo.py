@@ -20,7 +20,7 @@ from grpo.models import load_model_and_tokenizer, load_model
 from grpo.trainer import train
 from ner.data import load_ner_dataset
 from ner.evaluation import make_eval_fn
-from ner.prompts import build_prompts
+from ner.prompts import build_prompts, limit_empty_answers
 from ner.rewards import build_reward_fns
 
 
@@ -34,6 +34,8 @@ class NERGRPOConfig(GRPOConfig):
     format: str = _f("tagged", "tagged (blog: one prompt per type) | json (ReasoningNER: all types at once)")
     k_shot: int = _f(2, "few-shot examples per prompt, drawn from the training split")
     prompt_seed: int = _f(0, "seed of the few-shot example choice")
+    max_empty_ratio: float = _f(-1.0, "keep at most this many training prompts whose gold is empty per prompt "
+                                      "with an entity (tagged CoNLL is ~2/3 empty); negative = keep all")
     ref_model: str | None = _f(None, "reference model (default: the initial policy, i.e. --model)")
     eval_dataset: str = _f("conll2003", "dev set for periodic evaluation")
     eval_split: str = _f("dev", "split of eval_dataset")
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         data.sentences = data.sentences[:cfg.limit]
     prompts = build_prompts(data, cfg.format, k_shot=cfg.k_shot, seed=cfg.prompt_seed,
                             fewshot_pool=load_ner_dataset(cfg.dataset, "train", cfg.data_dir))
+    prompts = limit_empty_answers(prompts, cfg.max_empty_ratio, cfg.seed)
     reward_fns = build_reward_fns(cfg.reward_weights)
     eval_fn = make_eval_fn(engine, tokenizer, cfg.eval_dataset, cfg.eval_split, cfg.eval_limit, cfg.format,
                            cfg.k_shot, cfg.prompt_seed, cfg.max_completion_len, cfg.data_dir,

@@ -19,7 +19,8 @@ from grpo.distributed import barrier, cleanup, init_distributed, shard_model
 from grpo.config import option as _f
 from grpo.models import load_model_and_tokenizer
 from grpo.sft import SFTConfig, tokenize_pairs, train_sft
-from ner.sft_data import limit_empty_answers, read_cot_records, sft_pairs
+from ner.prompts import limit_empty_answers
+from ner.sft_data import read_cot_records, sft_pairs
 
 
 @dataclass

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
-from grpo.kv_cache import plain_full_attention
+from grpo.kv_cache import padded_positions, plain_full_attention
 from grpo.logprobs import token_entropy, token_logprobs
 
 
@@ -57,7 +57,7 @@ def collate_rollouts(prompt_ids: list[list[int]], completion_ids: list[list[int]
             attention[i, P:P + len(c)] = 1
             comp_mask[i, :len(c)] = 1.0
             old[i, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    position_ids = padded_positions(attention)
     return RolloutBatch(input_ids, attention, position_ids, comp_mask, old, P)
 
 
@@ -104,7 +104,7 @@ def _shared_prefix_logits(model: torch.nn.Module, batch: RolloutBatch, prompt_id
     P, C = batch.prompt_len, batch.completion_mask.shape[1]
     cache = DynamicCache(config=model.config)
     out = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
-                position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0).to(device), past_key_values=cache,
+                position_ids=padded_positions(prompt_mask).to(device), past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
     fan = fan.to(device)
     first = out.logits[fan]

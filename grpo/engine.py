@@ -34,7 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from grpo.kv_cache import cache_drop_leading, cache_select, new_cache, plain_full_attention
+from grpo.kv_cache import cache_drop_leading, cache_select, new_cache, padded_positions, plain_full_attention
 from grpo.packed_linear import packed_linears
 from grpo.sampling import StopStrings, exponential_noise, row_generators, sample_next_tokens
 
@@ -330,7 +330,7 @@ class TorchEngine:
         if not any(len(members) > 1 for _, members in groups):
             ids, mask = left_pad(prompts, pad)
             cache = new_cache(self.model, ids.shape[1] + max_new)
-            return self._logits(ids, mask, (mask.cumsum(-1) - 1).clamp_(min=0), cache), cache, mask
+            return self._logits(ids, mask, padded_positions(mask), cache), cache, mask
         group_of = [0] * len(prompts)
         prefixes, suffixes = [], [[] for _ in prompts]
         for g, (shared, members) in enumerate(groups):
@@ -341,11 +341,11 @@ class TorchEngine:
         prefix_ids, prefix_mask = left_pad(prefixes, pad)
         suffix_ids, suffix_mask = left_pad(suffixes, pad)
         cache = new_cache(self.model, prefix_ids.shape[1] + suffix_ids.shape[1] + max_new)
-        self._logits(prefix_ids, prefix_mask, (prefix_mask.cumsum(-1) - 1).clamp_(min=0), cache)
+        self._logits(prefix_ids, prefix_mask, padded_positions(prefix_mask), cache)
         fan = torch.tensor(group_of)
         cache_select(cache, fan)
         mask = torch.cat([prefix_mask[fan], suffix_mask], dim=1)
-        positions = prefix_mask[fan].sum(-1, keepdim=True) + (suffix_mask.cumsum(-1) - 1).clamp_(min=0)
+        positions = prefix_mask[fan].sum(-1, keepdim=True) + padded_positions(suffix_mask)
         return self._logits(suffix_ids, mask, positions, cache), cache, mask
 
     def _generate_chunk(self, prompts: list[list[int]], row_ids: list[int], max_new: int, temperature: float,

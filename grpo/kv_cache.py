@@ -8,6 +8,14 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
+def padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of padded rows: each real token's count of real tokens before it; pads get 0.
+
+    mask [B, T] (1 = real token) → [B, T] long. Left padding then never shifts a prompt's positions.
+    """
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def plain_full_attention(model: torch.nn.Module) -> bool:
     """True when every layer of the model's cache is a plain full-attention DynamicLayer (no sliding window,
     no recurrent state): the case where K/V rows can be gathered, fanned out and preallocated freely."""

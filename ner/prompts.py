@@ -251,6 +251,23 @@ def build_prompts(dataset: NERDataset, fmt: str, k_shot: int = 2, seed: int = 0,
     return records
 
 
+def limit_empty_answers(records: list[dict], max_ratio: float, seed: int = 0) -> list[dict]:
+    """Keep at most ``max_ratio`` × (records with an entity) records whose gold answer is empty; order kept.
+
+    Works on prompt records (``build_prompts``) and CoT records alike: both carry ``gold``. Why: in the tagged
+    format (one prompt per type) about two thirds of CoNLL prompts have no entity, and a small model trained on
+    that mix, by SFT or by GRPO, learns to answer "none" to everything. ``max_ratio < 0`` keeps everything.
+    """
+    if max_ratio < 0:
+        return list(records)
+    empty = [i for i, r in enumerate(records) if not any(r["gold"].values())]
+    n_keep = int(max_ratio * (len(records) - len(empty)))
+    if n_keep >= len(empty):
+        return list(records)
+    dropped = set(empty) - set(random.Random(seed).sample(empty, n_keep))
+    return [r for i, r in enumerate(records) if i not in dropped]
+
+
 def render_prompt(tokenizer, record: dict) -> str:
     """The prompt text the policy continues: the chat template with the assistant turn opened."""
     return tokenizer.apply_chat_template(record["messages"], add_generation_prompt=True, tokenize=False)

@@ -7,7 +7,6 @@ composes. The completion is the validated ``<think>…</think>`` + answer; ``grp
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 from ner.prompts import render_prompt
@@ -38,19 +37,3 @@ def read_cot_records(path: str | Path, accepted_only: bool = True) -> list[dict]
 def sft_pairs(records: list[dict], tokenizer) -> list[tuple[str, str]]:
     """(rendered prompt, completion) per record."""
     return [(render_prompt(tokenizer, r), r["completion"]) for r in records]
-
-
-def limit_empty_answers(records: list[dict], max_ratio: float, seed: int = 0) -> list[dict]:
-    """Keep at most ``max_ratio`` × (records with an entity) records whose gold answer is empty; order kept.
-
-    Why: in the tagged format (one prompt per type) about two thirds of CoNLL prompts have no entity, and a small
-    model tuned on that mix learns to answer "none" to everything. ``max_ratio < 0`` keeps everything.
-    """
-    if max_ratio < 0:
-        return list(records)
-    empty = [i for i, r in enumerate(records) if not any(r["gold"].values())]
-    n_keep = int(max_ratio * (len(records) - len(empty)))
-    if n_keep >= len(empty):
-        return list(records)
-    dropped = set(empty) - set(random.Random(seed).sample(empty, n_keep))
-    return [r for i, r in enumerate(records) if i not in dropped]

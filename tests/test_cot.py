@@ -273,7 +273,7 @@ def test_killed_generation_resumes_without_duplicates(server, tmp_path):
 
 
 def test_limit_empty_answers_keeps_every_entity_record_and_order():
-    from ner.sft_data import limit_empty_answers
+    from ner.prompts import limit_empty_answers
 
     records = [{"id": i, "gold": {"person": ["A"] if i in (1, 4) else []}} for i in range(7)]  # 2 with, 5 empty
     kept = limit_empty_answers(records, max_ratio=1.0, seed=3)

@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from grpo.engine import Rollout, TorchEngine, plan_chunks, prefix_groups  # noqa: E402
+from grpo.kv_cache import padded_positions  # noqa: E402
 from grpo.models import tiny_llama  # noqa: E402
 from grpo.sampling import exponential_noise, row_generators, sample_next_tokens  # noqa: E402
 
@@ -161,6 +162,11 @@ def test_plan_chunks_respects_the_budget():
     assert plan_chunks([10, 10, 5, 5, 5], 6, 40) == [(0, 2), (2, 5)]
     # a row wider than the budget still gets a chunk of its own
     assert plan_chunks([50, 3], 6, 40) == [(0, 1), (1, 2)]
+
+
+def test_padded_positions_count_real_tokens_only():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 0, 1]])  # left pad; last row has an inner gap
+    assert padded_positions(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 1, 1, 2]]
 
 
 def test_prefix_groups_by_hand():
