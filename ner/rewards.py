@@ -78,21 +78,43 @@ def _f1(p: Parsed, sample: dict) -> float:
     return entity_f1(_gold(sample), p.entities, mode="exact")
 
 
-def _blog_entity(p: Parsed, sample: dict) -> float:
-    """+0.5 per correct entity, -0.5 per spurious one (multiset match of (type, text)); missed gold costs 0.
+def _entity_counts(p: Parsed, sample: dict) -> tuple[int, int]:
+    """(correct, spurious) predicted entities: a multiset match of (type, text) against the gold.
 
-    The blog's code matched by list membership; a multiset makes a repeated prediction of a once-mentioned
-    entity count once as correct and then as spurious, so repeating cannot farm reward.
+    A multiset makes a repeated prediction of a once-mentioned entity count once as correct and then as
+    spurious, so repeating cannot farm reward. (The blog's code matched by list membership.)
     """
-    if p.entities is None:
-        return 0.0
     gold = _gold(sample)
     correct = spurious = 0
     for t, texts in p.entities.items():
         hits = sum((Counter(_keys(texts)) & Counter(_keys(gold.get(t, [])))).values())
         correct += hits
         spurious += len(texts) - hits
+    return correct, spurious
+
+
+def _blog_entity(p: Parsed, sample: dict) -> float:
+    """+0.5 per correct entity, -0.5 per spurious one; missed gold costs 0."""
+    if p.entities is None:
+        return 0.0
+    correct, spurious = _entity_counts(p, sample)
     return 0.5 * correct - 0.5 * spurious
+
+
+def _correct_entities(p: Parsed, sample: dict) -> float:
+    """The number of correct predicted entities (0 if unparseable)."""
+    return 0.0 if p.entities is None else float(_entity_counts(p, sample)[0])
+
+
+def _spurious_entities(p: Parsed, sample: dict) -> float:
+    """The number of spurious predicted entities (0 if unparseable); give it a negative weight.
+
+    With weights (+1 correct, -c spurious) a guess pays off when it is right with probability above c / (1 + c).
+    Corpus micro-F1 gains from a prediction right with probability above F1 / 2 (adding one changes
+    2·TP / (n_pred + n_gold) by (2·[right] - F1) / (n_pred + n_gold + 1)), so c = F1 / (2 - F1) aligns the two at the
+    current F1; the blog's ±0.5 is c = 1, which aligns with F1 = 1 and, below that, pays for answering nothing.
+    """
+    return 0.0 if p.entities is None else float(_entity_counts(p, sample)[1])
 
 
 def _exact_match(p: Parsed, sample: dict) -> float:
@@ -108,6 +130,8 @@ format_reward = _per_completion(_format)
 schema_reward = _per_completion(_schema)
 f1_reward = _per_completion(_f1)
 blog_entity_reward = _per_completion(_blog_entity)
+correct_entities_reward = _per_completion(_correct_entities)
+spurious_entities_reward = _per_completion(_spurious_entities)
 exact_match_reward = _per_completion(_exact_match)
 
 REWARDS: dict[str, RewardFn] = {
@@ -115,6 +139,8 @@ REWARDS: dict[str, RewardFn] = {
     "schema": schema_reward,
     "f1": f1_reward,
     "blog_entity": blog_entity_reward,
+    "correct_entities": correct_entities_reward,
+    "spurious_entities": spurious_entities_reward,
     "exact_match": exact_match_reward,
 }
 

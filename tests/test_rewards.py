@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ner.rewards import (PRESETS, REWARDS, blog_entity_reward, build_reward_fns, compute_rewards,
+                         correct_entities_reward, spurious_entities_reward,
                          exact_match_reward, f1_reward, format_reward, schema_reward, weighted_sum)
 
 TYPES = ["person", "location"]
@@ -81,6 +82,9 @@ def test_blog_entity_reward_hand_values():
         (js(["igor shkvyrin"], []), JSON),
     ]
     assert scores(blog_entity_reward, pairs) == [1.0, -0.5, 0.0, -2.0, 0.0, 1.0, 0.5, -0.5]
+    # The same cases, counted by hand: (correct, spurious) per line.
+    assert scores(correct_entities_reward, pairs) == [2, 1, 0, 0, 0, 3, 1, 0]
+    assert scores(spurious_entities_reward, pairs) == [0, 2, 0, 4, 0, 1, 0, 1]
 
 
 def test_exact_match_reward_hand_values():
