@@ -75,8 +75,13 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Destroy the process group (call once at the end of training; safe without one)."""
+    """Destroy the process group (call once at the end of training; safe without one).
+
+    The barrier first: a rank that tears gloo down while a peer still has a collective in flight (e.g. the
+    rank-0 state-dict gather) was seen aborting with "terminate called without an active exception".
+    """
     if is_dist():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -10,6 +10,8 @@ Presets (weights passed to ``build_reward_fns``):
                 exact answer 2.0; TRL sums reward functions with weight 1). Our format/exact_match return
                 1.0, so the weights carry the blog's scale.
   reasoningner  10 * f1 + 1 * schema (ReasoningNER, arXiv 2511.11978).
+``correct_entities`` and ``spurious_entities`` are the two counts behind blog_entity (0.5 · correct − 0.5 · spurious),
+for other weights; ``_spurious_entities`` says which weight matches corpus micro-F1.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job on the embedded default (SmolLM2-135M-Instruct, CPU; 67 minutes on 2 shared cores on 2026-12-03):
+# The main job on the embedded default (SmolLM2-135M-Instruct, CPU; about 70 minutes on 2 shared cores, 2026-12-03):
 #   stage 1+2  CoT data from gold labels (offline template teacher) and CoT tuning   configs/sft_smollm2_conll.yaml
-#   stage 3    GRPO with the blog's rewards                                         configs/grpo_smollm2_conll.yaml
+#   stage 3    GRPO, blog task format, F1 reward on rebalanced prompts             configs/grpo_smollm2_conll.yaml
 #   then       F1 of base, SFT and SFT→GRPO on the same CoNLL-2003 dev and test sentences
 # Every stage resumes where it stopped (--resume auto), so re-running after an interruption continues.
 set -euo pipefail

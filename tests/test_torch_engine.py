@@ -356,6 +356,7 @@ def _fsdp_worker(out_dir: str) -> None:
               "training": model.training,
               "all_dtensor": all(isinstance(p, DTensor) for p in model.parameters())}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()  # as grpo.distributed.cleanup: no rank tears gloo down while a peer still uses it
     dist.destroy_process_group()
 
 
