@@ -1,4 +1,4 @@
-"""Process-group setup, collectives and FSDP2 sharding.
+"""Process-group setup, collectives, FSDP2 sharding, and keeping a sharded model gathered for generation.
 
 Run one process per device with ``torchrun --nproc_per_node=N train.py``; a plain ``python train.py`` is a single
 process that never creates a process group, and every helper here then degrades to the local operation.
@@ -11,9 +11,10 @@ the same code is correct with one process (where the global count is the local c
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -240,3 +241,39 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     return float(norm.item())
+
+
+@contextlib.contextmanager
+def fsdp_unsharded(model: torch.nn.Module) -> Iterator[None]:
+    """Keep every FSDP2 module of `model` unsharded for the block, then reshard (a no-op on an unsharded model).
+
+    FSDP2 all-gathers a module's parameters in its forward pre-hook and frees them after forward. Generation runs
+    hundreds of forwards whose count differs across ranks, so instead we all-gather everything once here (a
+    collective every rank reaches, in the same module order) and switch resharding-after-forward off for the block:
+    the decode loop then runs no collectives at all. There is no public getter for reshard_after_forward, so the
+    per-group setting (`post_forward_mesh_info`) is saved and restored directly.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    named = [(name, m) for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+    if not named:
+        yield
+        return
+    fsdp_modules = [m for _, m in named]
+    # Run FSDP's root lazy init now (as the first forward would), so it cannot later overwrite our settings.
+    for name, m in named:
+        if not any(other == "" or name.startswith(other + ".") for other, _ in named if other != name):
+            m._get_fsdp_state()._lazy_init()
+    groups = [g for m in fsdp_modules for g in m._get_fsdp_state()._fsdp_param_groups]
+    saved = [g.post_forward_mesh_info for g in groups]
+    try:
+        for g in groups:
+            g.post_forward_mesh_info = None
+        for m in fsdp_modules:
+            m.unshard()
+        yield
+    finally:
+        for g, info in zip(groups, saved):
+            g.post_forward_mesh_info = info
+        for m in fsdp_modules:
+            m.reshard()

@@ -34,6 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from grpo.distributed import fsdp_unsharded
 from grpo.kv_cache import cache_drop_leading, cache_select, new_cache, padded_positions, plain_full_attention
 from grpo.packed_linear import packed_linears
 from grpo.sampling import StopStrings, exponential_noise, row_generators, sample_next_tokens
@@ -123,42 +124,6 @@ def _gqa_attention(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = original
-
-
-@contextlib.contextmanager
-def _fsdp_unsharded(model: torch.nn.Module) -> Iterator[None]:
-    """Keep every FSDP2 module of `model` unsharded for the block, then reshard.
-
-    FSDP2 all-gathers a module's parameters in its forward pre-hook and frees them after forward. Generation runs
-    hundreds of forwards whose count differs across ranks, so instead we all-gather everything once here (a
-    collective every rank reaches, in the same module order) and switch resharding-after-forward off for the block:
-    the decode loop then runs no collectives at all. There is no public getter for reshard_after_forward, so the
-    per-group setting (`post_forward_mesh_info`) is saved and restored directly.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    named = [(name, m) for name, m in model.named_modules() if isinstance(m, FSDPModule)]
-    if not named:
-        yield
-        return
-    fsdp_modules = [m for _, m in named]
-    # Run FSDP's root lazy init now (as the first forward would), so it cannot later overwrite our settings.
-    for name, m in named:
-        if not any(other == "" or name.startswith(other + ".") for other, _ in named if other != name):
-            m._get_fsdp_state()._lazy_init()
-    groups = [g for m in fsdp_modules for g in m._get_fsdp_state()._fsdp_param_groups]
-    saved = [g.post_forward_mesh_info for g in groups]
-    try:
-        for g in groups:
-            g.post_forward_mesh_info = None
-        for m in fsdp_modules:
-            m.unshard()
-        yield
-    finally:
-        for g, info in zip(groups, saved):
-            g.post_forward_mesh_info = info
-        for m in fsdp_modules:
-            m.reshard()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,7 +262,7 @@ class TorchEngine:
         chunks = plan_chunks([len(prompts[p]) for _, p in rows], max_new_tokens, self.max_batch_tokens)
         stop_strings = StopStrings(self.tokenizer, stop)
         results: list[Rollout | None] = [None] * len(rows)
-        with _fsdp_unsharded(self.model), _eval_mode(self.model), _gqa_attention(self.model), \
+        with fsdp_unsharded(self.model), _eval_mode(self.model), _gqa_attention(self.model), \
                 torch.inference_mode(), packed_linears(self.model, self.pack_weights):
             for start, end in chunks:
                 chunk = rows[start:end]
