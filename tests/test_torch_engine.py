@@ -330,6 +330,7 @@ def _fsdp_worker(out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
+    from grpo.distributed import cleanup
     from grpo.models import load_tokenizer
 
     torch.set_num_threads(1)
@@ -356,8 +357,7 @@ def _fsdp_worker(out_dir: str) -> None:
               "training": model.training,
               "all_dtensor": all(isinstance(p, DTensor) for p in model.parameters())}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
-    dist.barrier()  # as grpo.distributed.cleanup: no rank tears gloo down while a peer still uses it
-    dist.destroy_process_group()
+    cleanup()
 
 
 def test_fsdp2_two_ranks(tmp_path, smollm2_tokenizer):
