@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the embedded default (SmolLM2-135M-Instruct, CPU; about 70 minutes on 2 shared cores, 2026-12-03):
+# The main job on the embedded default (SmolLM2-135M-Instruct, CPU; stage timings and results: README "Results"):
 #   stage 1+2  CoT data from gold labels (offline template teacher) and CoT tuning   configs/sft_smollm2_conll.yaml
 #   stage 3    GRPO, blog task format, F1 reward on rebalanced prompts             configs/grpo_smollm2_conll.yaml
 #   then       F1 of base, SFT and SFT→GRPO on the same CoNLL-2003 dev and test sentences
