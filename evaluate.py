@@ -2,7 +2,10 @@
 
     python evaluate.py --model smollm2-135m-instruct --dataset conll2003 --split test --limit 500 --format tagged
     python evaluate.py --model runs/grpo/checkpoint-0000020 --dataset crossner_ai,crossner_music --format json
-Several datasets give one table with a row per dataset and their average.
+    python evaluate.py --compare outputs/sft/report.json outputs/grpo/report.json --out_dir outputs/sft_vs_grpo
+Several datasets give one table with a row per dataset and their average. report.json keeps every sentence's
+gold, prediction and raw answers, and the micro scores under each protocol of ner/protocols.py (--protocol);
+``--compare`` reads two such files (no model is loaded) and reports B − A with paired bootstrap intervals.
 """
 from __future__ import annotations
 
@@ -12,19 +15,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from grpo.config import list_option, parse_config
+from grpo.config import ConfigError, list_option, parse_config
 from grpo.config import option as _f
-from grpo.engine_factory import build_engine
-from grpo.models import load_model_and_tokenizer
-from ner.evaluation import evaluate_dataset
 from ner.metrics import format_table
+from ner.protocols import format_protocols, protocol_names, score_protocols
 
 
 @dataclass
 class EvalConfig:
-    """Evaluate a model's reasoning-NER F1 (greedy by default) on one or more data sets."""
+    """Evaluate a model's reasoning-NER F1 on data sets (or: `--compare A/report.json B/report.json --help`)."""
     model: str = _f("smollm2-135m-instruct", "model: local folder / checkpoint, hub id, or smollm2-135m-instruct")
     dataset: list[str] = list_option(["conll2003"], "one or more registered names or data files (comma-separated)")
     split: str = _f("test", "split to evaluate")
@@ -42,10 +41,33 @@ class EvalConfig:
     data_dir: str | None = _f(None, "data folder (default $NER_DATA_DIR or ../shared/data)")
     out_dir: str = _f("outputs/eval", "where report.json and report.md go")
     samples: int = _f(10, "sample outputs shown in report.md")
+    protocol: str = _f("all", "micro P/R/F1 protocols printed and saved: strict | blog | reasoningner | all "
+                              "(ner/protocols.py); the per-type table is always --match scoring")
+
+    def validate(self) -> None:
+        try:
+            protocol_names(self.protocol)
+        except ValueError as exc:
+            raise ConfigError(f"--protocol: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(EvalConfig, argv)
+    """Evaluate (see EvalConfig), or with ``--compare A B`` compare two report.json files (ner/compare.py)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--compare" in argv:
+        from ner.compare import main as compare_main  # numpy and JSON only: a comparison must not wait for torch
+        return compare_main(argv)
+    return evaluate(parse_config(EvalConfig, argv))
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Generate, score and write report.json / report.md for every dataset of ``cfg``."""
+    import torch  # here, not at the top, so that --compare never imports torch or transformers
+
+    from grpo.engine_factory import build_engine
+    from grpo.models import load_model_and_tokenizer
+    from ner.evaluation import evaluate_dataset
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, device)
     model.eval()
@@ -55,15 +77,20 @@ def main(argv: list[str] | None = None) -> dict:
                        f"match `{cfg.match}`, temperature {cfg.temperature}\n"]
     for name in cfg.dataset:
         t0 = time.perf_counter()
-        report, rows = evaluate_dataset(engine, tokenizer, name, cfg.split, cfg.limit, cfg.format, cfg.k_shot,
-                                        cfg.prompt_seed, cfg.max_new_tokens, cfg.data_dir, mode=cfg.match,
-                                        batch_size=cfg.batch_size, temperature=cfg.temperature)
+        report, rows, sentences = evaluate_dataset(
+            engine, tokenizer, name, cfg.split, cfg.limit, cfg.format, cfg.k_shot, cfg.prompt_seed,
+            cfg.max_new_tokens, cfg.data_dir, mode=cfg.match, batch_size=cfg.batch_size, temperature=cfg.temperature)
         seconds = time.perf_counter() - t0
         table = format_table(report)
-        print(f"\n== {name} ({seconds:.0f} s)\n{table}")
+        # report.per_type is keyed by the dataset's schema, in its order: the types the protocols score.
+        protocols = score_protocols([s["gold"] for s in sentences], [s["pred"] for s in sentences],
+                                    list(report.per_type), cfg.protocol)
+        protocol_table = format_protocols(protocols)
+        print(f"\n== {name} ({seconds:.0f} s)\n{table}\n\nmicro scores by protocol\n{protocol_table}")
         results[name] = {"report": report.to_dict(), "seconds": seconds,
-                         "format_ok": sum(r["format_ok"] for r in rows) / max(len(rows), 1)}
-        md += [f"\n## {name}\n", table, "\n### Errors\n",
+                         "format_ok": sum(r["format_ok"] for r in rows) / max(len(rows), 1),
+                         "protocols": protocols, "sentences": sentences}
+        md += [f"\n## {name}\n", table, "\n### Micro scores by protocol\n", protocol_table, "\n### Errors\n",
                "\n".join(f"- {k}: {v}" for k, v in report.to_dict().get("errors", {}).items()),
                "\n### Sample outputs\n"]
         for r in rows[:cfg.samples]:

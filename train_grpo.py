@@ -17,9 +17,11 @@ from grpo.engine_factory import build_engine
 from grpo.config import option as _f
 from grpo.grpo_config import GRPOConfig
 from grpo.models import load_model_and_tokenizer, load_model
+from grpo.rollout_io import tokenize_prompts
 from grpo.trainer import train
 from ner.data import load_ner_dataset
 from ner.evaluation import make_eval_fn
+from ner.headroom import keep_disagreeing_prompts
 from ner.prompts import build_prompts, limit_empty_answers
 from ner.rewards import build_reward_fns
 
@@ -30,7 +32,8 @@ class NERGRPOConfig(GRPOConfig):
     dataset: str = _f("conll2003", "training set: a registered name (conll2003, crossner_ai, …) or a data file")
     split: str = _f("train", "training split")
     data_dir: str | None = _f(None, "data folder (default $NER_DATA_DIR or ../shared/data)")
-    limit: int = _f(0, "use the first N training sentences (0 = all)")
+    offset: int = _f(0, "skip the first N training sentences (e.g. the ones CoT tuning used)")
+    limit: int = _f(0, "then use the next N training sentences (0 = all)")
     format: str = _f("tagged", "tagged (blog: one prompt per type) | json (ReasoningNER: all types at once)")
     k_shot: int = _f(2, "few-shot examples per prompt, drawn from the training split")
     prompt_seed: int = _f(0, "seed of the few-shot example choice")
@@ -39,6 +42,34 @@ class NERGRPOConfig(GRPOConfig):
     ref_model: str | None = _f(None, "reference model (default: the initial policy, i.e. --model)")
     eval_dataset: str = _f("conll2003", "dev set for periodic evaluation")
     eval_split: str = _f("dev", "split of eval_dataset")
+    prompt_filter: str = _f("", "path of a ner.headroom JSONL: train only on the prompts it covers whose G sampled "
+                                "rewards were not all equal (dropped: prompts it marks all_equal AND prompts it does "
+                                "not cover); fails if its prompts are not this config's. Offline twin of "
+                                "dynamic_sampling, which masks such groups online; empty = off")
+
+
+def build_train_prompts(cfg: NERGRPOConfig, tokenizer) -> tuple[list[dict], int]:
+    """The GRPO prompt list of ``cfg`` (before ``prompt_filter``): dataset, split, offset, limit, format, k_shot, prompt_seed,
+    max_empty_ratio, then the max_prompt_len cut. Returns (records, how many the cut dropped).
+
+    train_grpo.main and ner.headroom both call this, so a headroom file's indices are this list's. Each record
+    carries its ``prompt_ids`` (the trainer's tokenize_prompts uses them as they are instead of tokenizing again).
+    """
+    data = load_ner_dataset(cfg.dataset, cfg.split, cfg.data_dir)
+    data.sentences = data.sentences[cfg.offset:cfg.offset + cfg.limit if cfg.limit else None]
+    prompts = build_prompts(data, cfg.format, k_shot=cfg.k_shot, seed=cfg.prompt_seed,
+                            fewshot_pool=load_ner_dataset(cfg.dataset, "train", cfg.data_dir))
+    prompts = limit_empty_answers(prompts, cfg.max_empty_ratio, cfg.seed)
+    ids, kept, n_dropped = tokenize_prompts(tokenizer, prompts, cfg.max_prompt_len)
+    return [{**record, "prompt_ids": toks} for record, toks in zip(kept, ids)], n_dropped
+
+
+def build_rollout_engine(cfg: NERGRPOConfig, policy: torch.nn.Module, tokenizer):
+    """The rollout engine of ``cfg`` over ``policy`` (shared by train_grpo.main and ner.headroom)."""
+    return build_engine(cfg.engine, policy, tokenizer, max_batch_tokens=cfg.max_batch_tokens,
+                        max_model_len=cfg.max_prompt_len + cfg.max_completion_len,
+                        kv_cache_gib=cfg.vllm_kv_cache_gib,
+                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,17 +85,15 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.beta > 0:  # β = 0: no reference model is ever built
         ref_model = shard_model(load_model(cfg.ref_model or cfg.model, cfg.dtype, info.device), info)
         ref_model.eval().requires_grad_(False)
-    engine = build_engine(cfg.engine, policy, tokenizer, max_batch_tokens=cfg.max_batch_tokens,
-                          max_model_len=cfg.max_prompt_len + cfg.max_completion_len,
-                          kv_cache_gib=cfg.vllm_kv_cache_gib,
-                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
+    engine = build_rollout_engine(cfg, policy, tokenizer)
 
-    data = load_ner_dataset(cfg.dataset, cfg.split, cfg.data_dir)
-    if cfg.limit:
-        data.sentences = data.sentences[:cfg.limit]
-    prompts = build_prompts(data, cfg.format, k_shot=cfg.k_shot, seed=cfg.prompt_seed,
-                            fewshot_pool=load_ner_dataset(cfg.dataset, "train", cfg.data_dir))
-    prompts = limit_empty_answers(prompts, cfg.max_empty_ratio, cfg.seed)
+    prompts, n_long = build_train_prompts(cfg, tokenizer)
+    if n_long and info.rank == 0:  # the trainer's own count sees the list after this cut, so report it here
+        print(f"{n_long} prompts dropped: longer than max_prompt_len={cfg.max_prompt_len} tokens", flush=True)
+    if cfg.prompt_filter:
+        prompts, note = keep_disagreeing_prompts(prompts, cfg.prompt_filter)
+        if info.rank == 0:
+            print(note, flush=True)
     reward_fns = build_reward_fns(cfg.reward_weights)
     eval_fn = make_eval_fn(engine, tokenizer, cfg.eval_dataset, cfg.eval_split, cfg.eval_limit, cfg.format,
                            cfg.k_shot, cfg.prompt_seed, cfg.max_completion_len, cfg.data_dir,

@@ -75,7 +75,7 @@ def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature
     # Rows are the same prompt when ids AND mask agree (pad = eos chat models have the pad id inside prompts too).
     prompt_keys = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], dim=1)
     distinct, fan = torch.unique(prompt_keys, dim=0, return_inverse=True)
-    if share_prompts and len(distinct) < len(batch) and _supports_shared_prefix(model):
+    if share_prompts and len(distinct) < len(batch) and supports_shared_prefix(model):
         first, rest = _shared_prefix_logits(model, batch, distinct[:, :P], distinct[:, P:], fan, device)
         parts = [(first, targets[:, :1])] + ([(rest, targets[:, 1:])] if rest is not None else [])
     else:
@@ -88,7 +88,7 @@ def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature
     return logp, entropy
 
 
-def _supports_shared_prefix(model: torch.nn.Module) -> bool:
+def supports_shared_prefix(model: torch.nn.Module) -> bool:
     if model.training and getattr(model, "is_gradient_checkpointing", False):
         return False  # transformers turns the KV cache off under gradient checkpointing in training
     return "logits_to_keep" in inspect.signature(model.forward).parameters and plain_full_attention(model)

@@ -17,18 +17,26 @@ refuses to pack when gradients are enabled.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
 import torch.nn as nn
-
-_PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def packing_available() -> bool:
     """True when this torch build has oneDNN's prepacked linear (CPU builds for x86-64 and aarch64 do)."""
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+@functools.cache
+def packable_dtypes() -> tuple[torch.dtype, ...]:
+    """fp32 always; bf16 only where oneDNN's bf16 kernels run on this CPU (AVX512-BW/VL/DQ, AVX-NE-CONVERT or Arm
+    BF16). Elsewhere (e.g. AVX2-only x86) `_reorder_linear_weight` raises for a bf16 weight, so bf16 layers keep
+    nn.Linear's own kernel."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return (torch.float32, torch.bfloat16) if check is not None and check() else (torch.float32,)
 
 
 def _packable(module: nn.Module) -> bool:
@@ -38,7 +46,7 @@ def _packable(module: nn.Module) -> bool:
         return False
     weight = module.weight
     return (type(weight) in (torch.Tensor, nn.Parameter) and weight.device.type == "cpu"
-            and weight.dtype in _PACKABLE_DTYPES and weight.dim() == 2
+            and weight.dtype in packable_dtypes() and weight.dim() == 2
             and (module.bias is None or module.bias.dtype == weight.dtype))
 
 

@@ -64,6 +64,9 @@ class RunLogger:
             return
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
+        self.metrics.write(json.dumps({"step": step, **values}) + "\n")  # eval lines: only eval/* keys
+        self.metrics.flush()
+        self.writer.flush()
         self.bar.write(f"step {step} " + " ".join(f"{k}={v:.4f}" for k, v in values.items()))
 
     def step(self, step: int, metrics: dict[str, float], samples: list[dict], rollouts: list, rewards: list[float]):

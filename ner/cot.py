@@ -2,7 +2,7 @@
 
 For every prompt record of a data split (``ner.prompts.build_prompts``) a *teacher* writes
 ``<think>rationale</think>`` + answer. Teachers:
-  * ``template``      no model: the rationale is ``template_rationale`` of the gold labels (offline fallback);
+  * ``template``      no model: the rationale is ``candidate_rationale`` of the gold labels (offline fallback);
   * a model spec      any local model (``grpo.models``), sampled with ``grpo.engine.TorchEngine``;
   * ``http(s)://…``   an OpenAI-compatible server (``/v1/chat/completions``), key from an environment variable.
 Modes: ``rationalise`` shows the teacher the gold answer and asks it to explain it; ``free`` does not, and only
@@ -29,7 +29,8 @@ from pathlib import Path
 
 from ner.metrics import entity_f1
 from ner.parsing import parse_completion
-from ner.prompts import format_answer, format_target, render_prompt, template_rationale
+from ner.prompts import format_answer, format_target, render_prompt
+from ner.rationale import candidate_rationale
 from ner.types import Sentence
 
 MODES = ("rationalise", "free")
@@ -76,7 +77,7 @@ class TemplateTeacher:
                 raise ValueError("the template teacher needs the Sentence of each record (it cannot judge)")
             rec = r.record
             out.append(format_answer(rec["gold"], rec["format"], rec["types"],
-                                     think=template_rationale(r.sentence, rec["types"])))
+                                     think=candidate_rationale(r.sentence, rec["types"])))
         return out
 
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ner.data import load_ner_dataset
 from ner.metrics import NERReport, score_corpus
-from ner.parsing import parse_completion
+from ner.parsing import Parsed, parse_completion
 from ner.prompts import build_prompts, render_prompt
 
 # Tagged answers end with </entity>; stopping there saves the tokens a small model babbles afterwards.
@@ -33,36 +33,66 @@ def generate_completions(engine, tokenizer, records: list[dict], max_new_tokens:
     return out
 
 
-def score_answers(records: list[dict], completions: list[str], types: list[str],
-                      mode: str = "exact") -> tuple[NERReport, list[dict]]:
-    """Parse every completion, merge per sentence, score. Returns the report and one row per record."""
-    golds: dict[str, dict[str, list[str]]] = {}
-    preds: dict[str, dict[str, list[str]] | None] = {}
-    rows = []
-    for record, text in zip(records, completions):
-        parsed = parse_completion(text, record["format"], record["types"])
+def merge_sentences(records: list[dict], completions: list[str], parsed: list[Parsed],
+                    types: list[str]) -> list[dict]:
+    """One entry per sentence, in first-seen order: the unit every score is computed on.
+
+    Each entry: ``sentence_id``, ``sentence``, ``types`` (every type asked about it), ``gold`` {type: [texts]}
+    with every schema type present, ``pred`` ({type: [texts]}, or None when a json answer is unparseable),
+    ``format_ok`` (all of its answers well formed) and ``completions`` (its raw answers in record order).
+    Tagged prompts ask one type each; their answers are merged, and a malformed answer predicts nothing for its
+    type (so ``pred`` is never None in the tagged format: the other types' answers still count).
+    """
+    by_id: dict[str, dict] = {}
+    for record, text, answer in zip(records, completions, parsed):
         sid = record["sentence_id"]
-        gold = golds.setdefault(sid, {t: [] for t in types})
+        entry = by_id.setdefault(sid, {"sentence_id": sid, "sentence": record["sentence"], "types": [],
+                                       "gold": {t: [] for t in types}, "pred": None, "format_ok": True,
+                                       "completions": []})
+        entry["types"] += [t for t in record["types"] if t not in entry["types"]]
         for t, texts in record["gold"].items():
-            gold[t] = list(texts)
+            entry["gold"][t] = list(texts)
         if record["format"] == "json":
-            preds[sid] = parsed.entities
-        else:  # tagged: an unparseable answer for one type predicts nothing for that type
-            merged = preds.setdefault(sid, {t: [] for t in types})
+            entry["pred"] = answer.entities
+        else:
+            if entry["pred"] is None:
+                entry["pred"] = {t: [] for t in types}
             for t in record["types"]:
-                merged[t] = list((parsed.entities or {}).get(t, []))
-        rows.append({"sentence_id": sid, "sentence": record["sentence"], "types": record["types"],
-                     "gold": record["gold"], "completion": text, "pred": parsed.entities,
-                     "format_ok": parsed.format_ok, "schema_ok": parsed.schema_ok, "errors": parsed.errors})
-    ids = list(golds)
-    report = score_corpus([golds[s] for s in ids], [preds.get(s) for s in ids], types, mode=mode)
+                entry["pred"][t] = list((answer.entities or {}).get(t, []))
+        entry["format_ok"] = entry["format_ok"] and answer.format_ok
+        entry["completions"].append(text)
+    return list(by_id.values())
+
+
+def score_sentences(records: list[dict], completions: list[str], types: list[str],
+                    mode: str = "exact") -> tuple[NERReport, list[dict], list[dict]]:
+    """Parse every completion, merge per sentence, score. Returns the report, one row per record and one entry
+    per sentence (see ``merge_sentences``); the report is computed from those entries, so a report.json that
+    keeps them can be re-scored (``ner.compare``) to the same numbers."""
+    parsed = [parse_completion(text, record["format"], record["types"])
+              for record, text in zip(records, completions)]
+    rows = [{"sentence_id": record["sentence_id"], "sentence": record["sentence"], "types": record["types"],
+             "gold": record["gold"], "completion": text, "pred": answer.entities,
+             "format_ok": answer.format_ok, "schema_ok": answer.schema_ok, "errors": answer.errors}
+            for record, text, answer in zip(records, completions, parsed)]
+    sentences = merge_sentences(records, completions, parsed, types)
+    report = score_corpus([s["gold"] for s in sentences], [s["pred"] for s in sentences], types, mode=mode)
+    return report, rows, sentences
+
+
+def score_answers(records: list[dict], completions: list[str], types: list[str],
+                  mode: str = "exact") -> tuple[NERReport, list[dict]]:
+    """``score_sentences`` without the per-sentence entries: the report and one row per record."""
+    report, rows, _ = score_sentences(records, completions, types, mode)
     return report, rows
 
 
 def evaluate_dataset(engine, tokenizer, dataset: str, split: str, limit: int, fmt: str, k_shot: int,
                      prompt_seed: int, max_new_tokens: int, data_dir: str | None = None,
                      stop: list[str] | None = None, mode: str = "exact", batch_size: int = 32,
-                     temperature: float = 0.0, progress: bool = True) -> tuple[NERReport, list[dict]]:
+                     temperature: float = 0.0,
+                     progress: bool = True) -> tuple[NERReport, list[dict], list[dict]]:
+    """Generate on the first ``limit`` sentences and score: ``score_sentences``'s report, rows, sentences."""
     data = load_ner_dataset(dataset, split, data_dir)
     if limit:
         data.sentences = data.sentences[:limit]
@@ -71,7 +101,7 @@ def evaluate_dataset(engine, tokenizer, dataset: str, split: str, limit: int, fm
     completions = generate_completions(engine, tokenizer, records, max_new_tokens, temperature=temperature,
                                        stop=stop if stop is not None else STOP[fmt], batch_size=batch_size,
                                        progress=progress)
-    return score_answers(records, completions, data.types, mode)
+    return score_sentences(records, completions, data.types, mode)
 
 
 def make_eval_fn(engine, tokenizer, dataset: str, split: str, limit: int, fmt: str, k_shot: int, prompt_seed: int,
@@ -79,8 +109,8 @@ def make_eval_fn(engine, tokenizer, dataset: str, split: str, limit: int, fmt: s
                  stop: list[str] | None = None) -> Callable[[int], dict[str, float]]:
     """A plain callable for the trainer: greedy decoding on the first ``limit`` dev sentences → scalar metrics."""
     def eval_fn(step: int) -> dict[str, float]:
-        report, rows = evaluate_dataset(engine, tokenizer, dataset, split, limit, fmt, k_shot, prompt_seed,
-                                        max_new_tokens, data_dir, stop, progress=False)
+        report, rows, _ = evaluate_dataset(engine, tokenizer, dataset, split, limit, fmt, k_shot, prompt_seed,
+                                           max_new_tokens, data_dir, stop, progress=False)
         return {"f1": report.f1, "precision": report.precision, "recall": report.recall,
                 "format_ok": sum(r["format_ok"] for r in rows) / max(len(rows), 1)}
     return eval_fn

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import random
 
+from ner.rationale import candidate_rationale
 from ner.types import NERDataset, Sentence
 
 FORMATS = ("tagged", "json")
@@ -35,80 +36,8 @@ _SYSTEM = {
              "as a key (an empty list when there are none)."),
 }
 
-# (article, singular, plural) used by the template rationale. Unknown types fall back to "<type> entity".
-_TYPE_NOUNS: dict[str, tuple[str, str, str]] = {
-    "person": ("a", "person", "people"),
-    "location": ("a", "location", "locations"),
-    "organisation": ("an", "organisation", "organisations"),
-    "misc": ("a", "miscellaneous entity", "miscellaneous entities"),
-    "country": ("a", "country", "countries"),
-    "university": ("a", "university", "universities"),
-    "field": ("a", "field of study", "fields of study"),
-    "metrics": ("an", "evaluation metric", "evaluation metrics"),
-    "programlang": ("a", "programming language", "programming languages"),
-    "literarygenre": ("a", "literary genre", "literary genres"),
-    "musicalartist": ("a", "musical artist", "musical artists"),
-    "musicalinstrument": ("a", "musical instrument", "musical instruments"),
-    "musicgenre": ("a", "music genre", "music genres"),
-    "politicalparty": ("a", "political party", "political parties"),
-    "academicjournal": ("an", "academic journal", "academic journals"),
-    "astronomicalobject": ("an", "astronomical object", "astronomical objects"),
-    "chemicalcompound": ("a", "chemical compound", "chemical compounds"),
-    "chemicalelement": ("a", "chemical element", "chemical elements"),
-    "discipline": ("a", "scientific discipline", "scientific disciplines"),
-    "theory": ("a", "theory", "theories"),
-    "researcher": ("a", "researcher", "researchers"),
-    "algorithm": ("an", "algorithm", "algorithms"),
-    "event": ("an", "event", "events"),
-    "award": ("an", "award", "awards"),
-    "album": ("an", "album", "albums"),
-    "enzyme": ("an", "enzyme", "enzymes"),
-}
-
-
-def _type_nouns(entity_type: str) -> tuple[str, str, str]:
-    if entity_type in _TYPE_NOUNS:
-        return _TYPE_NOUNS[entity_type]
-    # Most CrossNER types are plain English nouns (band, book, song, writer, ...): regular plural.
-    if entity_type.isalpha() and entity_type.islower() and len(entity_type) <= 12:
-        return ("an" if entity_type[0] in "aeio" else "a", entity_type, entity_type + "s")
-    return ("a", f"{entity_type} entity", f"{entity_type} entities")
-
-
 def _dedupe(texts: list[str]) -> list[str]:
     return list(dict.fromkeys(texts))
-
-
-def _join_words(words: list[str], conj: str) -> str:
-    """'A', 'A and B', 'A, B and C' (conj = 'and' / 'or')."""
-    if len(words) <= 1:
-        return "".join(words)
-    return ", ".join(words[:-1]) + f" {conj} " + words[-1]
-
-
-def template_rationale(sentence: Sentence, types: list[str]) -> str:
-    """A deterministic one-to-three-sentence rationale built from the gold labels of ``sentence``.
-
-    Used for few-shot answers, as the offline CoT fallback for SFT, and in tests. Example:
-    'The sentence mentions "Japan" and "Syria", which name locations. It mentions no person.'
-    """
-    gold = sentence.gold(types)
-    found, missing = [], []
-    for t in types:
-        texts = _dedupe(gold.get(t, []))
-        article, singular, plural = _type_nouns(t)
-        if not texts:
-            missing.append(singular)
-        elif len(texts) == 1:
-            found.append(f"\"{texts[0]}\", which names {article} {singular}")
-        else:
-            found.append(_join_words([f'"{x}"' for x in texts], "and") + f", which name {plural}")
-    if not found:
-        return f"The sentence mentions no {_join_words(missing, 'or')}."
-    text = "The sentence mentions " + "; ".join(found) + "."
-    if missing:
-        text += f" It mentions no {_join_words(missing, 'or')}."
-    return text
 
 
 def format_target(gold: dict[str, list[str]], fmt: str, types: list[str]) -> str:
@@ -205,7 +134,7 @@ def _user_message(dataset: NERDataset, fmt: str, types: list[str], sentence: Sen
         head = "Entity types:\n" + _describe_types(dataset, types)
     parts = [head]
     for ex in examples:
-        answer = format_answer(ex.gold(types), fmt, types, template_rationale(ex, types))
+        answer = format_answer(ex.gold(types), fmt, types, candidate_rationale(ex, types))
         parts.append(f"Example sentence: {ex.text}\nExample answer: {answer}")
     parts.append(f"Sentence: {sentence.text}")
     return "\n\n".join(parts)

@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (SmolLM2-135M-Instruct, CPU; stage timings and results: README "Results"):
-#   stage 1+2  CoT data from gold labels (offline template teacher) and CoT tuning   configs/sft_smollm2_conll.yaml
-#   stage 3    GRPO, blog task format, F1 reward on rebalanced prompts             configs/grpo_smollm2_conll.yaml
-#   then       F1 of base, SFT and SFT→GRPO on the same CoNLL-2003 dev and test sentences
+#   stage 1+2  CoT data from gold labels (offline candidate-reasoning teacher) and CoT tuning   configs/sft_smollm2_conll.yaml
+#   stage 3    GRPO, all-types JSON format, F1 reward                                           configs/grpo_smollm2_conll.yaml
+#   then       base, SFT and SFT→GRPO on the same CoNLL-2003 test sentences, SFT vs SFT→GRPO with a paired
+#              bootstrap (outputs/compare_sft_grpo/compare.md), and the figure docs/main_job.png
 # Every stage resumes where it stopped (--resume auto), so re-running after an interruption continues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
-DEV_LIMIT="${DEV_LIMIT:-100}"
-TEST_LIMIT="${TEST_LIMIT:-200}"
+TEST_LIMIT="${TEST_LIMIT:-1000}"
+BASE_LIMIT="${BASE_LIMIT:-100}"   # the base model never writes the format (F1 0): fewer sentences suffice
+EVAL=(--dataset conll2003 --split test --format json --k_shot 0 --max_new_tokens 192 --batch_size 64)
+stage() { echo "== $1: $(( (SECONDS - t0) / 60 )) min $(( (SECONDS - t0) % 60 )) s" | tee -a outputs/timings.txt; t0=$SECONDS; }
+mkdir -p outputs; t0=$SECONDS; start=$SECONDS
 
-python train_sft.py --config configs/sft_smollm2_conll.yaml
-python train_grpo.py --config configs/grpo_smollm2_conll.yaml --resume auto
-for model in smollm2-135m-instruct runs/sft_smollm2_conll runs/grpo_smollm2_conll; do
-  name="$(basename "$model")"
-  for split in dev test; do
-    limit="$DEV_LIMIT"; [ "$split" = test ] && limit="$TEST_LIMIT"
-    python evaluate.py --model "$model" --dataset conll2003 --split "$split" --limit "$limit" --format tagged \
-        --max_new_tokens 96 --out_dir "outputs/${split}_${name}"
-  done
-done
-echo "reports: outputs/{dev,test}_*/report.md"
+python train_sft.py --config configs/sft_smollm2_conll.yaml;                stage "CoT data + SFT"
+python train_grpo.py --config configs/grpo_smollm2_conll.yaml --resume auto; stage "GRPO"
+python evaluate.py --model smollm2-135m-instruct "${EVAL[@]}" --limit "$BASE_LIMIT" --out_dir outputs/test_base
+stage "evaluate base ($BASE_LIMIT sentences)"
+python evaluate.py --model runs/sft_smollm2_conll "${EVAL[@]}" --limit "$TEST_LIMIT" --out_dir outputs/test_sft
+stage "evaluate SFT ($TEST_LIMIT sentences)"
+python evaluate.py --model runs/grpo_smollm2_conll "${EVAL[@]}" --limit "$TEST_LIMIT" --out_dir outputs/test_grpo
+stage "evaluate SFT→GRPO ($TEST_LIMIT sentences)"
+python evaluate.py --compare outputs/test_sft/report.json outputs/test_grpo/report.json --bootstrap 1000 \
+    --out_dir outputs/compare_sft_grpo
+python scripts/plot_run.py --grpo_run runs/grpo_smollm2_conll --report base=outputs/test_base/report.json \
+    --report sft=outputs/test_sft/report.json --report grpo=outputs/test_grpo/report.json --out docs/main_job.png
+echo "== total $(( (SECONDS - start) / 60 )) min" | tee -a outputs/timings.txt
+echo "reports: outputs/test_*/report.md, outputs/compare_sft_grpo/compare.md, docs/main_job.png"

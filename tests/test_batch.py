@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo.batch import _supports_shared_prefix, collate_rollouts, completion_logprobs
+from grpo.batch import supports_shared_prefix, collate_rollouts, completion_logprobs
 from grpo.models import tiny_llama
 
 PAD = 0
@@ -41,7 +41,7 @@ def test_shared_prefix_equals_plain_forward(pad_in_prompt):
     model = tiny_llama(vocab_size=64, hidden=32, layers=2, heads=4, seed=5)
     model.train()
     batch = grouped_batch(pad_in_prompt)
-    assert _supports_shared_prefix(model)
+    assert supports_shared_prefix(model)
     plain = logp_and_grads(model, batch, share=False)
     shared = logp_and_grads(model, batch, share=True)
     mask = batch.completion_mask.bool()
@@ -65,6 +65,6 @@ def test_gradient_checkpointing_falls_back_to_the_plain_forward():
     model = tiny_llama(vocab_size=64, hidden=32, layers=2, heads=4, seed=5)
     model.gradient_checkpointing_enable()
     model.train()
-    assert not _supports_shared_prefix(model)
+    assert not supports_shared_prefix(model)
     model.eval()
-    assert _supports_shared_prefix(model)
+    assert supports_shared_prefix(model)

@@ -89,8 +89,8 @@ def test_template_teacher_writes_accepted_records(tmp_path):
     assert json.loads(Path(str(out) + ".stats.json").read_text())["total"] == 3
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["s0", "s1", "s2"] and all(r["teacher"] == "template" for r in rows)
-    assert rows[1]["completion"].startswith('<think>The sentence mentions "Oslo", which names a location; '
-                                            '"John Smith", which names a person.</think>')
+    assert rows[1]["completion"].startswith('<think>"John Smith": a person\'s name, so person. '
+                                            '"Oslo": a place, so location.</think>')
     # SFT pairs: prompt = chat-rendered student messages (no gold hint), completion = the CoT record.
     class ToyTemplate:  # minimal chat template stand-in: render_prompt only calls apply_chat_template
         def apply_chat_template(self, messages, add_generation_prompt, tokenize):

@@ -6,7 +6,8 @@ import json
 import pytest
 
 import evaluate
-from ner.evaluation import score_answers
+from ner.evaluation import score_answers, score_sentences
+from ner.metrics import score_corpus
 from ner.types import Entity, NERDataset, Sentence
 from ner.prompts import build_prompts
 
@@ -37,11 +38,40 @@ def test_tagged_answers_merge_per_sentence_and_score_by_hand():
     assert sum(r["format_ok"] for r in rows) == 3 and len(rows) == len(by_key) == 4
 
 
+def test_tagged_answers_become_one_entry_per_sentence_that_rescoring_reproduces():
+    records = build_prompts(_dataset(), "tagged", k_shot=0)  # order: s1/location, s1/person, s2/location, ...
+    answers = {
+        ("s1", "location"): "<think>a city</think> <entity>Paris</entity>",
+        ("s1", "person"): "<think>x</think> <entity>Paris</entity>",
+        ("s2", "location"): "garbage without tags",  # malformed first: format_ok must be all(), not the last one
+        ("s2", "person"): "<think>none</think> <entity></entity>",
+    }
+    completions = [answers[(r["sentence_id"], r["types"][0])] for r in records]
+    report, rows, sentences = score_sentences(records, completions, ["location", "person"])
+    assert len(rows) == 4 and [s["sentence_id"] for s in sentences] == ["s1", "s2"]
+    s1, s2 = sentences
+    # s1: both answers parse; their per-type predictions and golds merge into one dict each
+    assert s1 == {"sentence_id": "s1", "sentence": "John lives in Paris", "types": ["location", "person"],
+                  "gold": {"location": ["Paris"], "person": ["John"]},
+                  "pred": {"location": ["Paris"], "person": ["Paris"]}, "format_ok": True,
+                  "completions": [answers[("s1", "location")], answers[("s1", "person")]]}
+    # s2: the garbage location answer makes the sentence not format_ok, and predicts nothing for location
+    assert s2["pred"] == {"location": [], "person": []} and s2["format_ok"] is False
+    assert s2["gold"] == {"location": [], "person": []}
+    assert s2["completions"] == ["garbage without tags", answers[("s2", "person")]]
+    rescored = score_corpus([s["gold"] for s in sentences], [s["pred"] for s in sentences], ["location", "person"])
+    assert rescored.to_dict() == report.to_dict()
+    assert score_answers(records, completions, ["location", "person"])[0].to_dict() == report.to_dict()
+
+
 def test_json_answer_unparseable_counts_gold_as_missed():
     records = build_prompts(_dataset(), "json", k_shot=0)
     completions = ['<think>ok</think> {"entities": {"person": ["John"], "location": ["Paris"]}}', "{not json"]
     report, _ = score_answers(records, completions, ["location", "person"])
     assert (report.tp, report.n_gold, report.n_pred, report.f1) == (2, 2, 2, 1.0)
+    _, _, sentences = score_sentences(records, completions, ["location", "person"])
+    assert [(s["pred"], s["format_ok"]) for s in sentences] == [
+        ({"person": ["John"], "location": ["Paris"]}, True), (None, False)]
 
 
 def test_cli_writes_reports_with_one_row_per_dataset_and_the_average(tmp_path):
@@ -52,5 +82,20 @@ def test_cli_writes_reports_with_one_row_per_dataset_and_the_average(tmp_path):
     f1s = [saved[d]["report"]["f1"] for d in ("conll2003", "crossner_politics")]
     assert saved["average"]["f1"] == pytest.approx(sum(f1s) / 2)
     assert results["average"]["f1"] == pytest.approx(saved["average"]["f1"])
+    for name in ("conll2003", "crossner_politics"):  # --limit 1: one sentence, every protocol by default
+        assert len(saved[name]["sentences"]) == 1
+        assert set(saved[name]["sentences"][0]) == {"sentence_id", "sentence", "types", "gold", "pred",
+                                                    "format_ok", "completions"}
+        assert list(saved[name]["protocols"]) == ["strict", "blog", "reasoningner"]
+        assert saved[name]["protocols"]["strict"]["f1"] == pytest.approx(saved[name]["report"]["f1"])
     md = (tmp_path / "report.md").read_text()
     assert "| **average** |" in md and "## conll2003" in md and "### Sample outputs" in md
+
+
+def test_protocol_option_accepts_a_protocol_or_all_and_rejects_others():
+    from grpo.config import ConfigError, parse_config
+
+    assert parse_config(evaluate.EvalConfig, []).protocol == "all"
+    assert parse_config(evaluate.EvalConfig, ["--protocol", "blog"]).protocol == "blog"
+    with pytest.raises(ConfigError, match="--protocol: unknown protocol 'loose'"):
+        parse_config(evaluate.EvalConfig, ["--protocol", "loose"])

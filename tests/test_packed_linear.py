@@ -67,6 +67,20 @@ def test_gradient_mode_and_unsupported_layers_are_left_alone():
         assert count == 0
 
 
+def test_bf16_layers_pack_only_where_the_cpu_runs_onednn_bf16():
+    # The bf16 presets (configs/grpo_qwen*.yaml) on a CPU without AVX512-BW/VL/DQ or AVX-NE-CONVERT: oneDNN refuses to
+    # reorder a bf16 weight there, so such layers must keep nn.Linear's kernel instead of crashing the engine.
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32).bfloat16()
+    x = torch.randn(4, 64).bfloat16()
+    supported = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    with torch.no_grad(), packed_linears(layer) as count:
+        assert count == (1 if supported else 0)
+        got = layer(x)
+    expected = (x.float() @ layer.weight.float().T + layer.bias.float())
+    torch.testing.assert_close(got.float(), expected.detach(), rtol=2e-2, atol=2e-2)
+
+
 def test_forward_is_restored_when_the_block_raises():
     layer = nn.Linear(16, 8)
     with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), packed_linears(layer):

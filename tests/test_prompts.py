@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ner.parsing import parse_completion
-from ner.prompts import build_prompts, format_answer, format_target, render_prompt, template_rationale
+from ner.prompts import build_prompts, format_answer, format_target, render_prompt
+from ner.rationale import candidate_rationale, non_entity_candidates
 from ner.types import Entity, NERDataset, Sentence
 
 TYPES = ["location", "person", "organisation", "misc"]
@@ -129,26 +130,45 @@ def test_fewshot_answers_use_the_rationale_and_the_answer_format():
     user = recs[0]["messages"][1]["content"]
     answer = user.split("Example answer: ", 1)[1].split("\n\nSentence:")[0]
     parsed = parse_completion(answer, "json", TYPES)
-    assert parsed.format_ok and parsed.schema_ok and parsed.think.startswith("The sentence mentions")
+    assert parsed.format_ok and parsed.schema_ok and parsed.think.startswith('"')
 
 
-def test_template_rationale_wording():
-    s = sent("Japan beat Syria and Iraq , Igor Shkvyrin said .",
+def test_candidate_rationale_wording():
+    s = sent("Japan beat Syria and Iraq , Igor Shkvyrin said on Monday .",
              [("location", 0, 1), ("location", 2, 3), ("location", 4, 5), ("person", 6, 8)], "x")
-    assert template_rationale(s, ["person"]) == 'The sentence mentions "Igor Shkvyrin", which names a person.'
-    assert template_rationale(s, ["location"]) == \
-        'The sentence mentions "Japan", "Syria" and "Iraq", which name locations.'
-    assert template_rationale(s, ["organisation"]) == "The sentence mentions no organisation."
-    assert template_rationale(s, ["misc", "person", "organisation"]) == (
-        'The sentence mentions "Igor Shkvyrin", which names a person. '
-        "It mentions no miscellaneous entity or organisation.")
-    two = sent("Reuters and AP report .", [("organisation", 0, 1), ("organisation", 2, 3)], "y")
-    assert template_rationale(two, ["organisation", "person"]) == (
-        'The sentence mentions "Reuters" and "AP", which name organisations. It mentions no person.')
-    assert template_rationale(sent("Rain .", [], "z"), TYPES) == (
-        "The sentence mentions no location, person, organisation or miscellaneous entity.")
+    # All types asked (json): every gold entity with its reason and type, then the capitalised non-entity.
+    assert candidate_rationale(s, TYPES) == (
+        '"Japan": a place, so location. "Syria": a place, so location. "Iraq": a place, so location. '
+        '"Igor Shkvyrin": a person\'s name, so person. "Monday": a date word, not a name.')
+    # One type asked (tagged): entities of the other types are negative candidates.
+    assert candidate_rationale(s, ["person"]) == (
+        '"Japan": a place, not a person. "Syria": a place, not a person. "Iraq": a place, not a person. '
+        '"Igor Shkvyrin": a person\'s name, so person. "Monday": a date word, not a name.')
+    assert candidate_rationale(s, ["organisation"]).endswith('"Monday": a date word, not a name. No organisation.')
+    # Surface cues: a nationality, an event, a team before its score; a repeated entity is reasoned about once.
+    cues = sent("German fans saw the World Cup : Albion 1 Albion 1 .",
+                [("misc", 0, 1), ("misc", 4, 6), ("organisation", 7, 8), ("organisation", 9, 10)], "y")
+    assert candidate_rationale(cues, TYPES) == (
+        '"German": a nationality, so misc. "World Cup": an event\'s name, so misc. '
+        '"Albion": a team, followed by its score, so organisation.')
+    assert candidate_rationale(sent("It rained .", [], "z"), TYPES) == "No entities."  # "It": a function word
+    assert candidate_rationale(sent("Rain .", [], "z"), TYPES) == \
+        '"Rain": a capitalised sentence start, not a name. No entities.'
     song = sent("Yesterday was recorded .", [("song", 0, 1)], "w")  # not in the noun table: regular noun
-    assert template_rationale(song, ["song"]) == 'The sentence mentions "Yesterday", which names a song.'
+    assert candidate_rationale(song, ["song"]) == '"Yesterday": names a song, so song.'
+
+
+def test_non_entity_candidates_skip_function_words_and_read_headlines():
+    # A quote opens the sentence: "He" is its first word and a function word, so it is no candidate.
+    quoted = sent('" He said Reuters and Farm Minister Smith met .', [("organisation", 3, 4), ("person", 7, 8)], "q")
+    assert non_entity_candidates(quoted) == [(5, 7, "a common word or title here")]
+    # "Only" starts the sentence but is no function word: a capitalised sentence start.
+    assert non_entity_candidates(sent("Only France voted .", [("location", 1, 2)], "o")) == \
+        [(0, 1, "a capitalised sentence start")]
+    headline = sent("SOCCER - JAPAN GET LUCKY WIN .", [("location", 2, 3)], "h")
+    assert non_entity_candidates(headline) == [(0, 1, "a headline word in capitals"),
+                                                (3, 6, "a headline word in capitals")]
+    assert non_entity_candidates(headline, limit=1) == [(0, 1, "a headline word in capitals")]
 
 
 def test_format_answer_exact_text():

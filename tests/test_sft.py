@@ -9,8 +9,8 @@ import torch
 
 from grpo.distributed import DistInfo
 from grpo.models import tiny_llama
-from grpo.sft import (IGNORE, Row, SFTConfig, accumulate_gradients, build_example, collate, completion_nll_sum,
-                      pack_rows, rows_for_step, tokenize_pairs, train_sft)
+from grpo.sft import (IGNORE, Row, SFTConfig, accumulate_gradients, build_example, collate, common_prefix_len,
+                      completion_nll_sum, pack_rows, rows_for_step, tokenize_pairs, train_sft)
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
@@ -122,6 +122,42 @@ def test_gradient_is_the_step_token_mean_however_split():
     for split in ([8], [3, 5], [1, 1, 6]):
         for g, r in zip(grads(split), reference):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_common_prefix_len_by_hand():
+    a = build_example([5, 6, 7, 8], [9], eos_id=2)
+    b = build_example([5, 6, 7, 3, 4], [9, 9], eos_id=2)
+    assert common_prefix_len([a, b]) == 3          # 5 6 7 shared
+    assert common_prefix_len([a, a]) == 3          # identical rows: stop one before the first target (index 4)
+    assert common_prefix_len([a, build_example([1], [9], eos_id=2)]) == 0
+
+
+def test_shared_prefix_gradient_equals_hf_per_example_loss():
+    """Rows under one 12-token instruction prefix, scored with the prefix run once, give HF's own loss and
+    gradients (each example alone, mean loss × its targets, summed, over all targets)."""
+    rng = random.Random(3)
+    prefix = [rng.randrange(3, 256) for _ in range(12)]
+    rows = [build_example(prefix + [rng.randrange(3, 256) for _ in range(rng.randint(1, 6))],
+                          [rng.randrange(3, 256) for _ in range(rng.randint(1, 5))], eos_id=2) for _ in range(5)]
+    total = sum(r.n_targets for r in rows)
+
+    def grads(share: bool) -> tuple[float, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = tiny_llama(vocab_size=256, hidden=32, layers=2, heads=4)
+        nll = accumulate_gradients(model, [rows[:2], rows[2:]], pad_id=0, global_targets=total, share_prefix=share)
+        return float(nll), [p.grad.clone() for p in model.parameters()]
+
+    torch.manual_seed(0)
+    model = tiny_llama(vocab_size=256, hidden=32, layers=2, heads=4)
+    loss = sum(model(input_ids=torch.tensor([r.input_ids]), labels=torch.tensor([r.labels])).loss * r.n_targets
+               for r in rows)
+    (loss / total).backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    assert common_prefix_len(rows[:2]) >= 12
+    shared_nll, shared = grads(True)
+    assert abs(shared_nll - float(loss.detach())) < 1e-3 * float(loss.detach())
+    for g, r in zip(shared, reference):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
 def test_rows_for_step_covers_each_epoch_once():

@@ -19,14 +19,12 @@ def test_one_step_on_smollm2_writes_a_loadable_checkpoint(tmp_path):
     cmd = [sys.executable, "train_grpo.py", "--config", "configs/grpo_smollm2_conll.yaml",
            "--model", "smollm2-135m-instruct", "--out_dir", str(tmp_path), "--total_steps", "1",
            "--prompts_per_step", "1", "--group_size", "2", "--max_completion_len", "8", "--limit", "4",
-           "--k_shot", "0", "--micro_batch_size", "2", "--beta", "0.04", "--mu", "2"]
+           "--offset", "0", "--eval_limit", "0", "--micro_batch_size", "2", "--beta", "0.04", "--mu", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # The first 4 train sentences give 16 (sentence, type) prompts; 6 have an entity (EU + German, British;
-    # Peter Blackburn; BRUSSELS; European Commission + German, British), so the preset's max_empty_ratio 0.5
-    # keeps 3 of the 10 empty ones.
-    assert "9 prompts, 0 dropped" in proc.stdout + proc.stderr
+    # The preset's all-types JSON format: one prompt per sentence, so the first 4 train sentences give 4 prompts.
+    assert "4 prompts, 0 dropped" in proc.stdout + proc.stderr
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and metrics[0]["step"] == 1
     # β > 0 built a reference model and μ = 2 recomputed π_old: both show up in the step's metrics.
