@@ -119,7 +119,9 @@ def test_one_grpo_step_of_the_preset(path, preset_runs):
     assert "step 1 eval/f1=" in output  # the preset's eval set loads and scores
 
     # The step's metrics carry each of the preset's reward components and a finite train loss.
-    (metrics,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (metrics,) = [m for m in lines if "reward/mean" in m]  # one training step; the other lines are evaluations
+    assert [m["step"] for m in lines if "eval/f1" in m] == [0, 1]  # before training and after the last step
     assert metrics["step"] == 1
     assert {k.removeprefix("reward/") for k in metrics if k.startswith("reward/")} - {"mean", "std"} \
         == case["rewards"]
