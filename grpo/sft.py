@@ -213,8 +213,9 @@ def shared_prefix_nll_sum(model: torch.nn.Module, rows: Sequence[Row], prefix_le
     device = next(model.parameters()).device
     L = prefix_len
     cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([rows[0].input_ids[:L]], device=device),
-          position_ids=torch.arange(L, device=device)[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    prefix_out = model(input_ids=torch.tensor([rows[0].input_ids[:L]], device=device),
+                       position_ids=torch.arange(L, device=device)[None], past_key_values=cache, use_cache=True,
+                       logits_to_keep=1)
     fan = torch.zeros(len(rows), dtype=torch.long, device=device)
     for layer in cache.layers:  # differentiable gather: the prefix gradient is summed over the rows
         layer.keys, layer.values = layer.keys[fan], layer.values[fan]
@@ -231,6 +232,10 @@ def shared_prefix_nll_sum(model: torch.nn.Module, rows: Sequence[Row], prefix_le
     tgt = targets[:, cols].to(device)
     nll = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), tgt.reshape(-1),
                           ignore_index=IGNORE, reduction="sum")
+    # The prefix pass's own output predicts a prompt token (no loss), but it must still be in the graph: FSDP2
+    # unshards a block for backward from a hook on the block's output, and the last block's prefix output reaches
+    # the loss only through this term (its K/V alone would meet freed, sharded weights).
+    nll = nll + 0.0 * prefix_out.logits.sum()
     return nll, int((tgt != IGNORE).sum())
 
 
