@@ -169,17 +169,19 @@ def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
-def completion_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def completion_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], **model_inputs
+                       ) -> tuple[torch.Tensor, int]:
     """(Σ NLL over completion tokens — a scalar with grad, number of those tokens) for one collated batch.
 
     Only the columns whose next token is a target get logits (``logits_to_keep`` with an index tensor), so long
-    prompts cost no vocabulary-sized activations.
+    prompts cost no vocabulary-sized activations. ``model_inputs`` (an attention mask and a KV cache holding a
+    shared prefix, see ``shared_prefix_nll_sum``) go to the forward; without them it is one plain pass.
     """
     device = next(model.parameters()).device
     targets = batch["labels"][:, 1:]                                     # [B, T-1]: column t predicts token t+1
     cols = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)          # [K]
     out = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                use_cache=False, logits_to_keep=cols.to(device))
+                use_cache="past_key_values" in model_inputs, logits_to_keep=cols.to(device), **model_inputs)
     logits = out.logits.float()                                          # [B, K, V]
     tgt = targets[:, cols].to(device)                                    # [B, K]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE,
@@ -224,19 +226,11 @@ def shared_prefix_nll_sum(model: torch.nn.Module, rows: Sequence[Row], prefix_le
     for i, r in enumerate(rows):
         real[i, :len(r.input_ids) - L] = 1
     mask = torch.cat([torch.ones(len(rows), L, dtype=torch.long), real], dim=1)
-    targets = rest["labels"][:, 1:]
-    cols = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)
-    out = model(input_ids=rest["input_ids"].to(device), attention_mask=mask.to(device),
-                position_ids=rest["position_ids"].to(device), past_key_values=cache, use_cache=True,
-                logits_to_keep=cols.to(device))
-    tgt = targets[:, cols].to(device)
-    nll = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), tgt.reshape(-1),
-                          ignore_index=IGNORE, reduction="sum")
+    nll, n_targets = completion_nll_sum(model, rest, attention_mask=mask.to(device), past_key_values=cache)
     # The prefix pass's own output predicts a prompt token (no loss), but it must still be in the graph: FSDP2
     # unshards a block for backward from a hook on the block's output, and the last block's prefix output reaches
     # the loss only through this term (its K/V alone would meet freed, sharded weights).
-    nll = nll + 0.0 * prefix_out.logits.sum()
-    return nll, int((tgt != IGNORE).sum())
+    return nll + 0.0 * prefix_out.logits.sum(), n_targets
 
 
 # ----------------------------------------------------------------------------- data order
