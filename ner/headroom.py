@@ -13,7 +13,7 @@ N / prompts_per_step steps. ``--headroom_prompts 0`` measures every prompt.
 For each prompt: one greedy completion, and ``group_size`` samples at the config's temperature / top_p, both with
 its stop strings and max_completion_len. Each is scored with the configured reward callables (weighted sum, plus
 the DAPO overlong penalty when ``overlong_buffer`` > 0, as in the trainer; kl_in_reward is not applied) and with
-the prompt's entity F1 (``ner.metrics.entity_f1``; an unparseable answer scores 0). A group whose G rewards are
+the prompt's entity F1 (the ``f1`` reward of ner.rewards; an unparseable answer scores 0). A group whose G rewards are
 all equal has zero advantage everywhere: GRPO cannot learn from it. The samples are drawn from the same
 distribution as the trainer's, not with its seeds.
 
@@ -39,9 +39,7 @@ from grpo.config import parse_config
 from grpo.distributed import DistInfo
 from grpo.models import load_model_and_tokenizer
 from grpo.trainer import step_prompt_indices
-from ner.metrics import entity_f1
-from ner.parsing import parse_completion
-from ner.rewards import RewardFn, build_reward_fns, weighted_sum
+from ner.rewards import RewardFn, build_reward_fns, f1_reward, weighted_sum
 
 
 def prompt_key(record: dict) -> tuple[str, tuple[str, ...]]:
@@ -62,15 +60,6 @@ def trainer_order(cfg, n_prompts: int, count: int) -> list[int]:
         order += step_prompt_indices(step, cfg, n_prompts, one_rank)
         step += 1
     return order[:count]
-
-
-def completion_f1(text: str, record: dict) -> float:
-    """Entity F1 of one completion against the record's gold over its asked types; 0 when it does not parse."""
-    parsed = parse_completion(text, record["format"], record["types"])
-    if parsed.entities is None:
-        return 0.0
-    gold = {t: list(record["gold"].get(t, [])) for t in record["types"]}
-    return entity_f1(gold, parsed.entities, mode="exact")
 
 
 def _rewards(reward_fns: list[tuple[str, float, RewardFn]], rollouts: list, records: list[dict],
@@ -114,12 +103,15 @@ def measure_headroom(engine, prompts: list[dict], indices: list[int],
                 # The trainer's own test for "no signal" (exact equality), so the share matches its
                 # frac_reward_zero_std on the same samples.
                 all_equal = algos.zero_variance_groups(torch.tensor(sample_rewards), group_size).tolist()
+                # Entity F1 whatever the configured reward: the f1 reward itself (0 when an answer does not parse).
+                greedy_f1 = f1_reward([r.text for r in greedy], records)
+                sample_f1 = f1_reward([r.text for r in sampled], repeated)
                 for j, (index, record) in enumerate(zip(batch, records)):
                     group = slice(j * group_size, (j + 1) * group_size)
                     row = {"index": index, "sentence_id": record["sentence_id"], "types": list(record["types"]),
-                           "greedy_f1": completion_f1(greedy[j].text, record),
+                           "greedy_f1": greedy_f1[j],
                            "greedy_reward": greedy_rewards[j],
-                           "sample_f1": [completion_f1(r.text, record) for r in sampled[group]],
+                           "sample_f1": sample_f1[group],
                            "rewards": sample_rewards[group], "all_equal": bool(all_equal[j])}
                     rows.append(row)
                     if out:
