@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from grpo.config import parse_config
-from grpo.distributed import cleanup, init_distributed, shard_model
+from grpo.distributed import cleanup, init_distributed, shard_model, shard_trainable
 from grpo.engine_factory import build_engine
 from grpo.config import option as _f
 from grpo.grpo_config import GRPOConfig
-from grpo.models import load_model_and_tokenizer, load_model
+from grpo.models import load_model, load_model_and_tokenizer, parse_dtype
 from grpo.rollout_io import tokenize_prompts
 from grpo.trainer import train
 from ner.data import load_ner_dataset
@@ -69,7 +69,7 @@ def build_rollout_engine(cfg: NERGRPOConfig, policy: torch.nn.Module, tokenizer)
     return build_engine(cfg.engine, policy, tokenizer, max_batch_tokens=cfg.max_batch_tokens,
                         max_model_len=cfg.max_prompt_len + cfg.max_completion_len,
                         kv_cache_gib=cfg.vllm_kv_cache_gib,
-                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
+                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed, dtype=cfg.dtype)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,10 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     info = init_distributed()
     torch.manual_seed(cfg.seed)
 
-    policy, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, info.device)
+    # fp32 master weights, compute in cfg.dtype (grpo.distributed.shard_trainable)
+    policy, tokenizer = load_model_and_tokenizer(cfg.model, "float32", info.device)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    policy = shard_model(policy, info)
+    policy = shard_trainable(policy, info, parse_dtype(cfg.dtype))
     ref_model = None
     if cfg.beta > 0:  # β = 0: no reference model is ever built
         ref_model = shard_model(load_model(cfg.ref_model or cfg.model, cfg.dtype, info.device), info)

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from grpo.config import parse_config, save_config
-from grpo.distributed import barrier, cleanup, init_distributed, shard_model
+from grpo.distributed import barrier, cleanup, init_distributed, shard_trainable
 from grpo.config import option as _f
-from grpo.models import load_model_and_tokenizer
+from grpo.models import load_model_and_tokenizer, parse_dtype
 from grpo.sft import SFTConfig, tokenize_pairs, train_sft
 from ner.prompts import limit_empty_answers
 from ner.sft_data import read_cot_records, sft_pairs
@@ -71,14 +71,15 @@ def main(argv: list[str] | None = None) -> dict:
         ensure_cot_data(cfg)
     barrier()
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, info.device)
+    # fp32 master weights, compute in cfg.dtype (grpo.distributed.shard_trainable)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, "float32", info.device)
     records = limit_empty_answers(read_cot_records(cfg.data), cfg.max_empty_ratio, cfg.seed)
     rows, dropped = tokenize_pairs(tokenizer, sft_pairs(records, tokenizer), cfg.max_len)
     if info.rank == 0:
         print(f"sft data: {len(records)} accepted CoT records from {cfg.data}; {dropped} longer than "
               f"max_len={cfg.max_len} dropped", file=sys.stderr)
         save_config(cfg, Path(cfg.out_dir) / "config.yaml")
-    model = shard_model(model, info)
+    model = shard_trainable(model, info, parse_dtype(cfg.dtype))
     state = train_sft(cfg, model, tokenizer, rows, info)
     cleanup()
     return state

@@ -243,14 +243,16 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
 
 # --------------------------------------------------------------------------- loss aggregation
-def normaliser_counts(mask: torch.Tensor) -> tuple[float, float]:
-    """(num_tokens, num_seqs) of a [B, T] mask: loss tokens and sequences with >= 1 loss token.
+def normaliser_counts(mask: torch.Tensor, mode: AggregationMode = "seq_mean") -> tuple[float, float]:
+    """(num_tokens, num_seqs) of a [B, T] mask: loss tokens, and the sequences aggregate_loss divides by —
+    those with >= 1 loss token, or every row B for mode="constant".
 
     The trainer sums these over all micro-batches (and ranks) of one optimizer step and passes the totals
     to every aggregate_loss call of that step.
     """
     m = mask.bool()
-    return float(m.sum().item()), float(m.any(dim=1).sum().item())
+    seqs = m.shape[0] if mode == "constant" else m.any(dim=1).sum().item()
+    return float(m.sum().item()), float(seqs)
 
 
 def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: AggregationMode = "token_mean",
@@ -265,8 +267,10 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: Aggre
     Contract (gradient accumulation): if every micro-batch of one optimizer step is called with the
     step's GLOBAL num_tokens / num_seqs (normaliser_counts summed over micro-batches and ranks) and the same
     max_len, the sum of the micro-batch results equals the whole batch's result, value and gradient.
-    Defaults describe this call alone: num_tokens = mask.sum(), num_seqs = sequences with >= 1 loss token,
-    max_len = T (pass the generation limit instead: micro-batches are padded to different T).
+    Defaults describe this call alone: num_tokens = mask.sum(), max_len = T (pass the generation limit instead:
+    micro-batches are padded to different T), and num_seqs = the sequences with >= 1 loss token for seq_mean
+    but EVERY row (B) for constant: Dr. GRPO's normaliser is a constant of the batch shape, so masking a row
+    (truncated, zero-variance group) must not scale up the others' gradient.
     An empty mask (or zero normaliser) gives 0.0 that still carries the graph, never NaN.
 
     Args: per_token_loss [B, T], mask [B, T]. Returns a 0-d tensor.
@@ -285,7 +289,7 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: Aggre
     elif mode == "constant":
         numerator = masked_sum(per_token_loss, mask)
         length = per_token_loss.shape[1] if max_len is None else max_len
-        denominator = (default_seqs if num_seqs is None else num_seqs) * length
+        denominator = (per_token_loss.shape[0] if num_seqs is None else num_seqs) * length
     else:
         raise ValueError(f"mode must be 'seq_mean', 'token_mean' or 'constant', got {mode!r}")
     if denominator < 0:

@@ -66,8 +66,10 @@ def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(o_t | q, o_<t) of every completion token, [N, C], at the sampling temperature (+ entropy [N, C]).
 
-    share_prompts: run each distinct prompt of the batch once (see the module docstring) when the batch repeats a
-    prompt and the model supports it (a plain full-attention KV cache, no gradient checkpointing in training).
+    share_prompts: run each distinct prompt of the batch once (see the module docstring) when the model supports it
+    (a plain full-attention KV cache, no gradient checkpointing in training). The choice depends on the config and
+    the model only, never on the data: under FSDP2 every forward is a collective, so two ranks whose batches differ
+    (one repeats a prompt, the other does not; one has only 1-token completions) must still run the same forwards.
     """
     P, C = batch.prompt_len, batch.completion_mask.shape[1]
     device = next(model.parameters()).device
@@ -75,9 +77,9 @@ def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature
     # Rows are the same prompt when ids AND mask agree (pad = eos chat models have the pad id inside prompts too).
     prompt_keys = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], dim=1)
     distinct, fan = torch.unique(prompt_keys, dim=0, return_inverse=True)
-    if share_prompts and len(distinct) < len(batch) and supports_shared_prefix(model):
+    if share_prompts and supports_shared_prefix(model):
         first, rest = _shared_prefix_logits(model, batch, distinct[:, :P], distinct[:, P:], fan, device)
-        parts = [(first, targets[:, :1])] + ([(rest, targets[:, 1:])] if rest is not None else [])
+        parts = [(first, targets[:, :1])] + ([(rest, targets[:, 1:])] if C > 1 else [])
     else:
         out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                     position_ids=batch.position_ids.to(device), use_cache=False, logits_to_keep=C + 1)
@@ -97,9 +99,11 @@ def supports_shared_prefix(model: torch.nn.Module) -> bool:
 def _shared_prefix_logits(model: torch.nn.Module, batch: RolloutBatch, prompt_ids: torch.Tensor,
                           prompt_mask: torch.Tensor, fan: torch.Tensor, device: torch.device
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits predicting completion token 0 ([N, 1, V]) and tokens 1..C−1 ([N, C−1, V], None if C = 1).
+    """Logits predicting completion token 0 ([N, 1, V]) and tokens 1..C−1 ([N, C−1, V]; unusable when C = 1).
 
     prompt_ids / prompt_mask [U, P]: the distinct prompts, left-padded; fan [N]: each row's distinct prompt.
+    Always two forwards, whatever the batch (see completion_logprobs): with C = 1 the second one runs on the single
+    completion token, and its output enters ``first`` with weight 0 so that backward visits it as well.
     """
     P, C = batch.prompt_len, batch.completion_mask.shape[1]
     cache = DynamicCache(config=model.config)
@@ -108,13 +112,14 @@ def _shared_prefix_logits(model: torch.nn.Module, batch: RolloutBatch, prompt_id
                 use_cache=True, logits_to_keep=1)
     fan = fan.to(device)
     first = out.logits[fan]
-    if C == 1:
-        return first, None
     for layer in cache.layers:  # fan the prompt K/V out to the rows (differentiable gather: gradients sum back)
         layer.keys, layer.values = layer.keys[fan], layer.values[fan]
     # The last completion token predicts nothing, so only tokens 0..C−2 are fed.
-    out = model(input_ids=batch.input_ids[:, P:P + C - 1].to(device),
-                attention_mask=batch.attention_mask[:, :P + C - 1].to(device),
-                position_ids=batch.position_ids[:, P:P + C - 1].to(device), past_key_values=cache,
+    fed = max(C - 1, 1)
+    out = model(input_ids=batch.input_ids[:, P:P + fed].to(device),
+                attention_mask=batch.attention_mask[:, :P + fed].to(device),
+                position_ids=batch.position_ids[:, P:P + fed].to(device), past_key_values=cache,
                 use_cache=True, logits_to_keep=0)
+    if C == 1:
+        return first + 0.0 * out.logits.sum(), out.logits
     return first, out.logits

@@ -1,7 +1,8 @@
 """Process-group setup, collectives, FSDP2 sharding, and keeping a sharded model gathered for generation.
 
 Run one process per device with ``torchrun --nproc_per_node=N train.py``; a plain ``python train.py`` is a single
-process that never creates a process group, and every helper here then degrades to the local operation.
+process that creates no process group (unless mixed precision asks for one, see ``shard_trainable``), and every
+helper here then degrades to the local operation.
 
 Gradient convention (read this before writing a loss): ``shard_model`` makes FSDP2 SUM gradients over ranks
 (gradient divide factor 1) instead of its default mean. Each rank's loss must therefore be its share of the global
@@ -160,13 +161,18 @@ def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | Non
 
     The root unit owns embeddings, final norm and lm_head, so tied ``lm_head.weight is embed_tokens.weight`` stays
     one parameter (sharded once). Gradients are SUMMED over ranks (see module doc). ``param_dtype``/``reduce_dtype``
-    set a ``MixedPrecisionPolicy`` (sharded master weights stay in their own dtype). With ``world_size == 1`` the
-    model is only moved to ``info.device`` and the dtypes are ignored (use ``torch.autocast`` there if wanted).
+    set a ``MixedPrecisionPolicy``: the sharded parameters (and so the optimizer state) keep the model's own dtype,
+    forward/backward run in ``param_dtype``, gradients are reduced and stored in ``reduce_dtype``. With
+    ``world_size == 1`` and no mixed precision the model is only moved to ``info.device``; with mixed precision a
+    one-rank process group is created (see `_one_rank_group`) so that the single process gets the very same policy.
     Returns the same module object (FSDP2 shards in place).
     """
     model = model.to(info.device)
-    if info.world_size == 1:
+    mixed = param_dtype is not None and param_dtype != next(model.parameters()).dtype
+    if info.world_size == 1 and not mixed:
         return model
+    if info.world_size == 1:
+        _one_rank_group(info.device)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -183,6 +189,26 @@ def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | Non
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def shard_trainable(model: nn.Module, info: DistInfo, dtype: torch.dtype) -> nn.Module:
+    """The model being trained: fp32 master weights (so fp32 AdamW state), forward and backward in ``dtype``.
+
+    With bf16 weights AdamW's updates at RL learning rates mostly round away: a bf16 number near 0.02 moves in steps
+    of ~1e-4, far above lr 5e-6 x Adam's unit-size step, so a bf16 run looks healthy and barely learns. Here the
+    weights are upcast once and FSDP2's MixedPrecisionPolicy casts them to ``dtype`` for every forward (and for
+    generation: TorchEngine runs inside the unsharded bf16 copy), while gradients are reduced and applied in fp32.
+    """
+    if dtype == torch.float32:
+        return shard_model(model.float(), info)
+    return shard_model(model.float(), info, param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def _one_rank_group(device: torch.device) -> None:
+    """A process group of this process alone (an in-memory store; no ports), so FSDP2 can run without torchrun."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
 
 
 def _full_tensor(t: torch.Tensor) -> torch.Tensor:

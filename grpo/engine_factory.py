@@ -23,10 +23,11 @@ def resolve_engine_name(name: str, cuda_available: bool | None = None, vllm_inst
 
 def build_engine(name: str, model: torch.nn.Module, tokenizer, *, max_batch_tokens: int = 65536,
                  max_model_len: int = 2048, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.3,
-                 seed: int = 0):
+                 seed: int = 0, dtype: str | None = None):
     """``torch``: generates with the very module being trained (no weight copy, no sync cost).
     ``vllm``: an in-process vLLM engine built from the module's weights, re-synced in memory after each update.
     ``auto``: see `resolve_engine_name`.
+    ``dtype``: vLLM's compute dtype (default: the module's parameter dtype, which is fp32 for fp32-master training).
     """
     name = resolve_engine_name(name)
     if name == "torch":
@@ -37,5 +38,5 @@ def build_engine(name: str, model: torch.nn.Module, tokenizer, *, max_batch_toke
         from grpo.vllm_engine import VLLMEngine
 
         return VLLMEngine(model, tokenizer, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-                          gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+                          gpu_memory_utilization=gpu_memory_utilization, seed=seed, dtype=dtype)
     raise ValueError(f"unknown engine {name!r}: expected torch, vllm or auto")

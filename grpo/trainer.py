@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -85,79 +86,108 @@ def frozen_logprobs(model: torch.nn.Module, batch: RolloutBatch, cfg: GRPOConfig
     return torch.cat(parts).float().cpu()
 
 
+def micro_batch_loss(policy, mb: RolloutBatch, advantages: torch.Tensor, mask: torch.Tensor,
+                     old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, num_tokens: float,
+                     num_seqs: float, cfg: GRPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one micro-batch, scaled so that summed over the mini-batch's micro-batches and ranks it is the
+    mini-batch loss (aggregate_loss with the GLOBAL normalisers ``num_tokens`` / ``num_seqs``).
+
+    mb: N rows; advantages [N]; mask [N, C] loss mask; old_logp / ref_logp [N, C] or None (on-policy: π_old is
+    this very forward, detached; β = 0 or KL in the reward: no KL term). All on the policy's device.
+    """
+    logp, entropy = completion_logprobs(policy, mb, cfg.temperature, with_entropy=True,
+                                        share_prompts=cfg.share_prompt_prefix)
+    old = logp.detach() if old_logp is None else old_logp
+    rollout_logp = mb.rollout_logprobs.to(logp.device)
+    metrics: dict[str, torch.Tensor] = {}
+    is_weights = None
+    if cfg.rollout_correction != "none":  # the engine sampled from π_rollout ≠ π_old: TIS / MIS weights
+        is_weights, correction = algos.rollout_correction_weights(
+            old, rollout_logp, mask, cfg.rollout_correction, cfg.rollout_correction_mode,
+            cfg.rollout_correction_threshold)
+        metrics.update({f"correction/{k}": v for k, v in correction.items()})
+    per_token, clip_metrics = algos.policy_loss(logp, old, advantages, mask, cfg.eps_low, cfg.eps_high,
+                                                cfg.dual_clip, is_weights=is_weights)
+    metrics.update(clip_metrics)
+    if ref_logp is not None and not cfg.kl_in_reward:
+        kl = algos.kl_penalty(logp, ref_logp, cfg.kl_estimator)
+        per_token = per_token + cfg.beta * kl
+        metrics["kl"] = algos.masked_mean(kl.detach(), mask)
+    loss = algos.aggregate_loss(per_token, mask, cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                                max_len=cfg.max_completion_len)
+    if old_logp is None:  # on-policy: this forward IS π_old, so the engine's log-prob gap costs nothing
+        metrics["engine_logprob_gap"] = algos.masked_mean((logp.detach() - rollout_logp).abs(),
+                                                          mb.completion_mask.to(logp.device))
+    metrics["entropy"] = algos.masked_mean(entropy, mask)
+    return loss, metrics
+
+
+def mini_batch_order(n: int, cfg: GRPOConfig, step: int, epoch: int) -> torch.Tensor:
+    """Row order of one epoch over the step's N rollouts: whole groups shuffled when they split evenly into the
+    mini-batches (a micro-batch then repeats few prompts, so the shared-prefix forward pays), else rows. A pure
+    function of (seed, step, epoch): every step draws a new order and a resumed run draws the same one."""
+    if cfg.num_mini_batches == 1:
+        return torch.arange(n)
+    gen, g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * step + epoch), cfg.group_size
+    if (n // g) % cfg.num_mini_batches == 0:
+        return (torch.randperm(n // g, generator=gen)[:, None] * g + torch.arange(g)).flatten()
+    return torch.randperm(n, generator=gen)
+
+
 def policy_update(policy, optimizer, scheduler, batch: RolloutBatch, advantages: torch.Tensor,
                   loss_mask: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
-                  cfg: GRPOConfig, info: DistInfo) -> dict[str, float]:
-    """μ epochs over the rollouts, one optimizer update per mini-batch. Returns metrics averaged over updates.
+                  cfg: GRPOConfig, info: DistInfo, step: int = 0) -> dict[str, float]:
+    """μ epochs over the rollouts, one optimizer update per mini-batch. Returns metrics averaged over the updates
+    that produced them; ``skipped_updates`` is the share of updates that changed no weight.
 
     ``loss_mask`` [N, C] is the completion mask with masked-out rows (truncated, zero-variance groups) zeroed; the
     aggregation normaliser of each mini-batch is its mask total summed over micro-batches AND ranks, so the gradient
-    does not depend on how the mini-batch is split.
+    does not depend on how the mini-batch is split. A mini-batch with no loss token on any rank, or whose gradient
+    is not finite on some rank, makes no update at all (AdamW's momentum and weight decay would still move the
+    weights); the LR schedule advances either way, so it stays a function of the update index.
     """
     n = len(batch)
     mini = n // cfg.num_mini_batches
-    sums: dict[str, float] = {}
-    updates = 0
     device = next(policy.parameters()).device
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     for epoch in range(cfg.mu):
-        order = torch.arange(n)
-        if cfg.num_mini_batches > 1:
-            gen, g = torch.Generator().manual_seed(cfg.seed + 7919 * epoch), cfg.group_size
-            if (n // g) % cfg.num_mini_batches == 0:  # shuffle whole groups: a micro-batch then repeats few prompts
-                order = (torch.randperm(n // g, generator=gen)[:, None] * g + torch.arange(g)).flatten()
-            else:
-                order = torch.randperm(n, generator=gen)
+        order = mini_batch_order(n, cfg, step, epoch)
         for m in range(cfg.num_mini_batches):
             rows = order[m * mini:(m + 1) * mini]
-            num_tokens = all_reduce_sum(float(loss_mask[rows].sum()))
-            num_seqs = all_reduce_sum(float((loss_mask[rows].sum(-1) > 0).sum()))
-            metrics: dict[str, float] = {}
-            for start in range(0, len(rows), cfg.micro_batch_size):
-                idx = rows[start:start + cfg.micro_batch_size]
-                mb = batch.select(idx)
-                mask = loss_mask[idx].to(device)
-                logp, entropy = completion_logprobs(policy, mb, cfg.temperature, with_entropy=True,
-                                                    share_prompts=cfg.share_prompt_prefix)
-                old = old_logp[idx].to(device) if old_logp is not None else logp.detach()
-                per_token, pm = algos.policy_loss(logp, old, advantages[idx].to(device), mask,
-                                                  cfg.eps_low, cfg.eps_high, cfg.dual_clip)
-                if cfg.rollout_correction != "none":
-                    weights, cm = algos.rollout_correction_weights(
-                        old, mb.rollout_logprobs.to(device), mask, cfg.rollout_correction,
-                        cfg.rollout_correction_mode, cfg.rollout_correction_threshold)
-                    per_token = per_token * weights
-                    pm.update({f"correction/{k}": v for k, v in cm.items()})
-                if ref_logp is not None and not cfg.kl_in_reward:
-                    kl = algos.kl_penalty(logp, ref_logp[idx].to(device), cfg.kl_estimator)
-                    per_token = per_token + cfg.beta * kl
-                    pm["kl"] = algos.masked_mean(kl.detach(), mask)
-                loss = algos.aggregate_loss(per_token, mask, cfg.loss_agg, num_tokens=num_tokens,
-                                            num_seqs=num_seqs, max_len=cfg.max_completion_len)
-                loss.backward()  # shard_model makes FSDP2 SUM gradients over ranks: Σ_ranks = the global loss
-                pm["loss"] = loss.detach()
-                if epoch == 0 and old_logp is None:  # on-policy: this forward IS π_old, so the gap costs nothing
-                    pm["engine_logprob_gap"] = algos.masked_mean(
-                        (logp.detach() - mb.rollout_logprobs.to(device)).abs(), mb.completion_mask.to(device))
-                pm["entropy"] = algos.masked_mean(entropy, mask)
-                # Token-weighted share of the global mini-batch: summed over micro-batches and ranks, the metrics
-                # become global token means (and the loss the global loss).
-                share = float(mask.sum()) / max(num_tokens, 1.0)
-                for k, v in pm.items():
-                    metrics[k] = metrics.get(k, 0.0) + float(v) * (1.0 if k == "loss" else share)
-            if info.world_size > 1:
-                metrics = {k: all_reduce_sum(v) for k, v in metrics.items()}
-            grad_norm = clip_grad_norm(policy.parameters(), cfg.max_grad_norm)
-            if math.isfinite(grad_norm):  # an inf/nan gradient (on any rank) never reaches the weights
-                metrics["grad_norm"] = grad_norm
-                optimizer.step()
+            tokens, seqs = algos.normaliser_counts(loss_mask[rows], cfg.loss_agg)
+            num_tokens, num_seqs = all_reduce_sum(tokens), all_reduce_sum(seqs)
+            metrics: dict[str, float] = {"skipped_updates": 1.0}
+            if num_tokens > 0:  # the same decision on every rank: the counts are global
+                for start in range(0, len(rows), cfg.micro_batch_size):
+                    idx = rows[start:start + cfg.micro_batch_size]
+                    mask = loss_mask[idx].to(device)
+                    loss, pm = micro_batch_loss(
+                        policy, batch.select(idx), advantages[idx].to(device), mask,
+                        None if old_logp is None else old_logp[idx].to(device),
+                        None if ref_logp is None else ref_logp[idx].to(device), num_tokens, num_seqs, cfg)
+                    loss.backward()  # shard_model makes FSDP2 SUM gradients over ranks: Σ_ranks = the global loss
+                    pm["loss"] = loss.detach()
+                    # Token-weighted share of the global mini-batch: summed over micro-batches and ranks, the
+                    # metrics become global token means (and the loss the global loss).
+                    share = float(mask.sum()) / num_tokens
+                    for k, v in pm.items():
+                        metrics[k] = metrics.get(k, 0.0) + float(v) * (1.0 if k == "loss" else share)
+                if info.world_size > 1:
+                    metrics = {k: all_reduce_sum(v) if k != "skipped_updates" else v for k, v in metrics.items()}
+                grad_norm = clip_grad_norm(policy.parameters(), cfg.max_grad_norm)
+                if math.isfinite(grad_norm):  # an inf/nan gradient (on any rank) never reaches the weights
+                    metrics["grad_norm"] = grad_norm
+                    metrics["skipped_updates"] = 0.0
+                    optimizer.step()
+            with warnings.catch_warnings():  # torch warns when a schedule advances past a skipped first update
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
                 scheduler.step()
-            else:
-                metrics["skipped_updates"] = 1.0
             optimizer.zero_grad(set_to_none=True)
-            updates += 1
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
-    return {k: v / updates for k, v in sums.items()}
+                counts[k] = counts.get(k, 0) + 1
+    return {k: v / counts[k] for k, v in sums.items()}
 
 
 def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dict],
@@ -222,14 +252,17 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
 
         # 3. Reference and old log-probs, only when the configuration needs them.
         ref_logp = frozen_logprobs(ref_model, batch, cfg) if cfg.beta > 0 else None
+        shaped = rewards
         if cfg.kl_in_reward:  # the rollout log-probs are π_old's: the sampled policy's KL to the reference
-            rewards = algos.kl_in_reward(rewards, batch.rollout_logprobs, ref_logp, batch.completion_mask, cfg.beta)
+            shaped = algos.kl_in_reward(rewards, batch.rollout_logprobs, ref_logp, batch.completion_mask, cfg.beta)
         old_logp = frozen_logprobs(policy, batch, cfg) if cfg.needs_old_logprobs else None
         times["reference"] = time.perf_counter() - t
         t = time.perf_counter()
 
-        # 4. Advantages; rows that must not train (truncated, zero-variance groups) get a zero loss mask.
-        advantages = global_advantages(rewards, cfg, info)
+        # 4. Advantages (of the KL-shaped reward when kl_in_reward); rows that must not train (truncated,
+        # zero-variance groups) get a zero loss mask. A group is zero-variance by its task rewards: the −β·KL term
+        # differs between any two samples, and would hide every group that carries no task signal.
+        advantages = global_advantages(shaped, cfg, info)
         zero_std = algos.zero_variance_groups(rewards, cfg.group_size)
         keep = torch.ones(len(rollouts))
         if cfg.dynamic_sampling:
@@ -240,7 +273,7 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
 
         # 5. μ epochs of clipped-surrogate updates.
         train_metrics = policy_update(policy, optimizer, scheduler, batch, advantages, loss_mask, old_logp,
-                                      ref_logp, cfg, info)
+                                      ref_logp, cfg, info, step)
         times["train"] = time.perf_counter() - t
         t = time.perf_counter()
 
@@ -255,6 +288,7 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
                    "completion/truncated_frac": truncated.float().mean(),
                    "lr": scheduler.get_last_lr()[0],
                    **{f"reward/{k}": v.mean() for k, v in per_fn.items()},
+                   **({"reward/kl_penalty": (rewards - shaped).mean()} if cfg.kl_in_reward else {}),
                    **{f"train/{k}": v for k, v in train_metrics.items()},
                    **{f"time/{k}": v for k, v in times.items()}}
         if old_logp is not None:
@@ -272,10 +306,11 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
         done = step + 1 == cfg.total_steps
         if eval_fn is not None and cfg.eval_limit > 0 and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             logger.scalars(step + 1, {f"eval/{k}": v for k, v in eval_fn(step + 1).items()})
-        if done or (step + 1) % cfg.save_every == 0 or stop_requested():
+        stopping = stop_requested()  # polled once: a signal between two polls would exit without saving
+        if done or (step + 1) % cfg.save_every == 0 or stopping:
             save_checkpoint(run_dir, step + 1, policy, tokenizer, optimizer, scheduler,
                             {"step": step + 1, "config": config_to_yaml(cfg)}, cfg.keep_last, info)
-        if stop_requested():
+        if stopping:
             logger.note(f"SIGTERM: saved step {step + 1} and stopped")
             break
     logger.close()

@@ -148,6 +148,12 @@ def test_aggregate_loss_by_hand():
     close(aggregate_loss(loss, mask, "constant", max_len=5), 10 / (2 * 5))  # 1.0
     close(aggregate_loss(loss, mask, "token_mean", num_tokens=20), 10 / 20)
     close(aggregate_loss(loss, mask, "seq_mean", num_seqs=8), 6 / 8)
+    # A fully masked third row (a truncated completion, a zero-variance group): seq_mean and token_mean ignore it,
+    # Dr. GRPO's constant still counts it — its normaliser is rows x max_len, whatever the mask says.
+    loss3, mask3 = torch.cat([loss, torch.full((1, 3), 5.0, dtype=D)]), torch.cat([mask, torch.zeros(1, 3)])
+    assert normaliser_counts(mask3) == (4.0, 2.0) and normaliser_counts(mask3, "constant") == (4.0, 3.0)
+    close(aggregate_loss(loss3, mask3, "seq_mean"), 3.0)
+    close(aggregate_loss(loss3, mask3, "constant", max_len=5), 10 / (3 * 5))
     with pytest.raises(ValueError, match="mode"):
         aggregate_loss(loss, mask, "sum")  # type: ignore[arg-type]
 

@@ -17,6 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "tiny_grpo_run.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+sys.path.insert(0, str(ROOT / "tests" / "dist_scripts"))  # grpo_update.global_rollouts: the fixed rollout batch
 
 
 def run(out: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -84,7 +85,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert 1 <= step < 400 and history(tmp_path)[-1]["step"] == step
 
 
-@pytest.mark.parametrize("loss_agg,shared", [("token_mean", ""), ("seq_mean", ""), ("seq_mean", "shared")])
+# "mixed": rank 0 repeats prompts and has a micro-batch of 1-token completions, rank 1 does not (no hang, same update).
+@pytest.mark.parametrize("loss_agg,shared", [("token_mean", ""), ("seq_mean", "shared"), ("constant", "mixed")])
 def test_two_rank_update_equals_one_process_update(tmp_path, loss_agg, shared):
     script = ROOT / "tests" / "dist_scripts" / "grpo_update.py"
     extra = [shared] if shared else []
@@ -104,7 +106,6 @@ def test_two_rank_update_equals_one_process_update(tmp_path, loss_agg, shared):
 
 
 def test_non_finite_gradient_skips_the_update_and_keeps_the_weights():
-    sys.path.insert(0, str(ROOT / "tests" / "dist_scripts"))
     from grpo_update import global_rollouts
 
     from grpo.batch import collate_rollouts
@@ -134,6 +135,54 @@ def test_non_finite_gradient_skips_the_update_and_keeps_the_weights():
     assert all(p.grad is None for p in policy.parameters())  # nothing left over to leak into the next update
     metrics = policy_update(policy, optimizer, scheduler, batch, advantages, batch.completion_mask, None, None,
                             cfg, info)  # and the next, healthy update does move the weights
-    assert "skipped_updates" not in metrics and not torch.equal(poisoned, before["model.layers.0.mlp.up_proj.weight"])
+    assert metrics["skipped_updates"] == 0.0 and not torch.equal(poisoned, before["model.layers.0.mlp.up_proj.weight"])
     # Same weights as the engine that sampled them, so the on-policy log-prob gap is just the rollouts' fake values.
     assert metrics["engine_logprob_gap"] > 0
+
+
+def test_mini_batch_without_loss_tokens_leaves_weights_and_adam_state_untouched():
+    """Every row masked (all groups zero-variance, or all truncated): no update at all — AdamW with weight decay
+    would otherwise shrink every weight and start its moments from a zero gradient. The schedule still advances."""
+    from grpo_update import global_rollouts
+
+    from grpo.batch import collate_rollouts
+    from grpo.distributed import DistInfo
+    from grpo.grpo_config import GRPOConfig
+    from grpo.models import tiny_llama
+    from grpo.optim import build_optimizer, build_scheduler
+    from grpo.trainer import policy_update
+
+    cfg = GRPOConfig(reward_weights={"r": 1.0}, prompts_per_step=2, group_size=4, micro_batch_size=4, beta=0.0,
+                     max_completion_len=8, lr=1e-2, weight_decay=0.1, num_mini_batches=2)
+    policy = tiny_llama(vocab_size=128, hidden=32, layers=2, heads=2, seed=3)
+    optimizer = build_optimizer(policy, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, 4, 0.0, "constant")
+    prompts, completions, old, advantages = global_rollouts()
+    batch = collate_rollouts(prompts, completions, old, pad_id=0)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    metrics = policy_update(policy, optimizer, scheduler, batch, advantages, torch.zeros_like(batch.completion_mask),
+                            None, None, cfg, info)
+    assert metrics == {"skipped_updates": 1.0}  # two mini-batches, both skipped; no loss or grad_norm invented
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+    assert not optimizer.state and scheduler.last_epoch == 2
+    # Half the rows masked: the first mini-batch (rows 0-3 of the ordered batch) may or may not keep tokens, but
+    # grad_norm is averaged over the updates that made one, never diluted by skipped ones.
+    mask = batch.completion_mask.clone()
+    mask[:4] = 0
+    cfg.num_mini_batches = 1
+    metrics = policy_update(policy, optimizer, scheduler, batch, advantages, mask, None, None, cfg, info)
+    assert metrics["skipped_updates"] == 0.0 and metrics["grad_norm"] > 0
+
+
+def test_mini_batch_order_changes_with_the_step_and_keeps_groups_whole():
+    from grpo.grpo_config import GRPOConfig
+    from grpo.trainer import mini_batch_order
+
+    cfg = GRPOConfig(reward_weights={"r": 1.0}, prompts_per_step=4, group_size=4, num_mini_batches=2)
+    orders = [mini_batch_order(16, cfg, step, 0).tolist() for step in range(3)]
+    assert len({tuple(o) for o in orders}) == 3  # a new shuffle every step (not the same one every step)
+    assert orders[1] == mini_batch_order(16, cfg, 1, 0).tolist()  # reproducible: a resumed run draws the same
+    for order in orders:
+        assert sorted(order) == list(range(16))
+        assert all(order[i] // 4 == order[i + 1] // 4 for i in range(0, 16, 4) for i in (i, i + 1, i + 2))
