@@ -132,8 +132,9 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimato
         k2 = x^2 / 2                                biased, >= 0
         k3 = exp(x) - x - 1                         unbiased, >= 0 (DeepSeekMath eq. 4); clamped to [-10, 10]
 
-    The clamps (as in verl) stop one token with a runaway ratio from dominating the loss; inside them the
-    gradient is exact.
+    The clamps stop one token with a runaway ratio from dominating the loss; inside them the gradient is exact.
+    verl clamps x and the result this way in its k3 ("low_var_kl") only; clamping x for k1 and k2 as well is our
+    choice (their gradient is 0 past |x| > 20, where one token's estimate means nothing anyway).
     Use: in the loss as beta * masked mean of k3 (DeepSeekMath), or folded into the reward (kl_in_reward).
     Contract with the trainer: beta == 0 means the trainer never builds, loads or runs a reference model,
     and never calls this function.

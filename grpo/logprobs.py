@@ -150,6 +150,15 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return _ChunkedTokenLogprobs.apply(logits, tokens, float(temperature), int(chunk_size))
 
 
+def reference_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The textbook expression ``token_logprobs`` computes without materialising it: [B, T, V] logits → [B, T].
+
+    Read this one to know WHAT is computed; ``token_logprobs`` is the same function (tests/test_logprobs.py checks
+    values and gradients against this one) in bounded memory. Not used in training: it holds two [B, T, V] tensors.
+    """
+    return torch.log_softmax(logits / temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
 @torch.no_grad()
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0,
                   chunk_size: int | None = None) -> torch.Tensor:

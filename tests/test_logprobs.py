@@ -8,12 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpo.logprobs import token_entropy, token_logprobs
+from grpo.logprobs import reference_token_logprobs, token_entropy, token_logprobs
 
 
 def naive_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    # The textbook expression this module avoids materialising; the independent reference.
-    return torch.log_softmax(logits.double() / temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    # The textbook expression the chunked function avoids materialising (in float64): the independent reference.
+    return reference_token_logprobs(logits.double(), tokens, temperature)
 
 
 def test_hand_example_with_temperature():
@@ -145,3 +145,16 @@ def test_default_cpu_chunks_are_16_mib_and_exact():
     expected = torch.softmax(logits.detach().double() / 0.7, -1).neg_()
     expected.scatter_add_(-1, tokens[..., None], torch.ones(3, 70, 1, dtype=torch.float64))
     torch.testing.assert_close(logits.grad.double(), expected / 0.7, rtol=0, atol=1e-6)
+
+
+def test_chunked_and_reference_agree_in_value_and_gradient():
+    gen = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(3, 7, 50, generator=gen, dtype=torch.float64)).requires_grad_()
+    tokens = torch.randint(0, 50, (3, 7), generator=gen)
+    weights = torch.randn(3, 7, generator=gen, dtype=torch.float64)  # a generic upstream gradient
+    chunked = token_logprobs(logits, tokens, 0.7, chunk_size=4)
+    (g_chunked,) = torch.autograd.grad((chunked * weights).sum(), logits)
+    reference = reference_token_logprobs(logits, tokens, 0.7)
+    (g_reference,) = torch.autograd.grad((reference * weights).sum(), logits)
+    torch.testing.assert_close(chunked, reference, atol=1e-12, rtol=0)
+    torch.testing.assert_close(g_chunked, g_reference, atol=1e-12, rtol=0)
