@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 from ner.descriptions import CONLL_FALLBACK, CONLL_TYPES, CROSSNER_TYPES, describe
@@ -130,10 +131,25 @@ def _columns(line: str) -> list[str]:
     return [c for c in (line.split("\t") if "\t" in line else line.split(" ")) if c]
 
 
+def _check_column_counts(path: Path, rows: list[tuple[int, list[str]]]) -> None:
+    """Every token line has the file's usual column count (the most common one), else a DataFormatError."""
+    counts = Counter(len(cols) for _, cols in rows if cols)
+    if len(counts) <= 1:
+        return
+    usual = counts.most_common(1)[0][0]
+    lineno, cols = next((n, c) for n, c in rows if c and len(c) != usual)
+    hint = (" (a token with a space needs a tab between token and tag)" if len(cols) > usual else "")
+    raise DataFormatError(path, lineno, f"line has {len(cols)} columns {cols!r} but the file's other lines have "
+                                        f"{usual}; which column is the token is ambiguous{hint}")
+
+
 def read_column_file(path: str | os.PathLike, scheme: str = "auto", strict: bool = False) -> list[Sentence]:
     """One token per line, blank line between sentences; ``token TAG`` or ``TAG token`` (detected per file).
 
-    With more than two columns (CoNLL: token POS chunk tag) the first is the token and the last the tag.
+    Columns are separated by tabs when the line has one, else by spaces. With more than two columns (CoNLL:
+    token POS chunk tag) the first is the token and the last the tag. Every token line of a file must have the
+    same number of columns: a space-separated ``New York B-LOC`` among two-column lines would otherwise lose
+    "York" without a word, so it is an error naming the line (a token with a space needs a tab-separated file).
     ``-DOCSTART-`` lines end the current sentence and are dropped.
     """
     path = Path(path)
@@ -145,6 +161,7 @@ def read_column_file(path: str | os.PathLike, scheme: str = "auto", strict: bool
         if len(cols) == 1:
             raise DataFormatError(path, lineno, f"line has one column ({cols[0]!r}); expected a token and a tag")
         rows.append((lineno, cols))
+    _check_column_counts(path, rows)
     filled = [c for _, c in rows if c]
     tag_first = sum(map(bool, (_TAG_RE.match(c[0]) for c in filled))) > sum(
         map(bool, (_TAG_RE.match(c[-1]) for c in filled)))
@@ -171,9 +188,15 @@ def read_column_file(path: str | os.PathLike, scheme: str = "auto", strict: bool
 
 
 def _entity_from_json(obj: object, n_tokens: int, path: Path, lineno: int) -> tuple[str, int, int, str | None]:
-    if not (isinstance(obj, dict) and isinstance(obj.get("type"), str)
-            and isinstance(obj.get("start"), int) and isinstance(obj.get("end"), int)):
-        raise DataFormatError(path, lineno, f"entity {obj!r} needs a string 'type' and integer 'start', 'end'")
+    def is_index(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a token index
+
+    if not (isinstance(obj, dict) and isinstance(obj.get("type"), str) and is_index(obj.get("start"))
+            and is_index(obj.get("end"))):
+        raise DataFormatError(path, lineno, f"field 'entities': entity {json.dumps(obj)} needs a string 'type' and "
+                                            f"integer 'start', 'end'")
+    if obj.get("text") is not None and not isinstance(obj["text"], str):
+        raise DataFormatError(path, lineno, f"field 'entities': entity text {json.dumps(obj['text'])} is not a string")
     if not 0 <= obj["start"] < obj["end"] <= n_tokens:
         raise DataFormatError(path, lineno, f"entity span [{obj['start']}, {obj['end']}) is outside the "
                                             f"{n_tokens} tokens or empty")
@@ -194,8 +217,12 @@ def read_jsonl(path: str | os.PathLike) -> list[Sentence]:
         tokens = rec.get("tokens") if isinstance(rec, dict) else None
         if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
             raise DataFormatError(path, lineno, "record needs a 'tokens' list of strings")
+        entities = rec.get("entities", [])
+        if not isinstance(entities, list):
+            raise DataFormatError(path, lineno, f"field 'entities' must be a list of {{type, start, end}} objects "
+                                                f"(or absent), got {json.dumps(entities)}")
         spans = []
-        for ent in rec.get("entities", []):
+        for ent in entities:
             typ, s, e, text = _entity_from_json(ent, len(tokens), path, lineno)
             if text is not None and text != " ".join(tokens[s:e]):
                 raise DataFormatError(path, lineno, f"entity text {text!r} != tokens {s}:{e} "
