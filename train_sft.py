@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
         ensure_cot_data(cfg)
     barrier()
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, info.device)
+    # Read (and validate) the CoT file before the model loads, so a bad line costs no load time.
     records = limit_empty_answers(read_cot_records(cfg.data), cfg.max_empty_ratio, cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, info.device)
     rows, dropped = tokenize_pairs(tokenizer, sft_pairs(records, tokenizer), cfg.max_len)
     if info.rank == 0:
         print(f"sft data: {len(records)} accepted CoT records from {cfg.data}; {dropped} longer than "
