@@ -27,6 +27,7 @@ REGISTRY = {"conll2003": "conll2003", **{f"crossner_{d}": f"crossner/{d}" for d 
 HUB_IDS = {"conll2003": ("eriktks/conll2003", None), **{f"crossner_{d}": ("DFKI-SLT/cross_ner", d)
                                                           for d in CROSSNER_TYPES}}
 SPLITS = {"train": "train", "dev": "dev", "validation": "dev", "valid": "dev", "test": "test"}
+SPLIT_FILE_STEMS = {"train": ("train",), "dev": ("dev", "validation", "valid"), "test": ("test",)}
 
 
 class DataFormatError(ValueError):
@@ -359,8 +360,34 @@ def conll_descriptions(data_dir: Path) -> dict[str, str]:
     return {CONLL_ABBREVIATIONS[k]: v.strip() for k, v in queries.items() if k in CONLL_ABBREVIATIONS}
 
 
+def data_file(name: str, split: str) -> Path | None:
+    """The file ``load_ner_dataset(name, split)`` reads when ``name`` is a path: the file itself, or a folder's
+    ``<split>.<ext>`` file (dev may be named dev, validation or valid). None for anything else."""
+    path = Path(name)
+    if name in REGISTRY or not path.is_dir():
+        return path if name not in REGISTRY and path.is_file() else None
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+    stems = SPLIT_FILE_STEMS[SPLITS[split]]
+    found = sorted(p for p in path.iterdir() if p.is_file() and p.stem.lower() in stems)
+    if len(found) != 1:
+        have = ", ".join(sorted(p.name for p in path.iterdir() if p.is_file())) or "no files"
+        problem = "no file" if not found else f"{len(found)} files ({', '.join(p.name for p in found)})"
+        raise FileNotFoundError(f"{path}: {problem} for split {split!r}; a data folder holds one file per split "
+                                f"named {' or '.join(f'{s}.<ext>' for s in stems)} (it has: {have})")
+    return found[0]
+
+
+def user_type_descriptions(types: list[str], data_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """Descriptions of a user file's types: CoNLL-2003's own for its four type names (what a model tuned on
+    CoNLL saw in its prompts), else ``ner.descriptions.describe``."""
+    conll = conll_descriptions(Path(data_dir) if data_dir else default_data_dir())
+    return {t: conll.get(t) or describe(t) for t in types}
+
+
 def load_ner_dataset(name: str, split: str, data_dir: str | None = None, source: str = "local") -> NERDataset:
-    """A registered data set (``conll2003``, ``crossner_<domain>``) or a path to a data file.
+    """A registered data set (``conll2003``, ``crossner_<domain>``), a path to a data file (the file is the split,
+    whatever ``split`` says), or a folder of split files (``data_file``).
 
     ``source="hub"`` downloads the registered set with ``datasets`` instead of reading ``data_dir``.
     Types are sorted; every type has a description (generic fallback for types nobody described).
@@ -370,11 +397,12 @@ def load_ner_dataset(name: str, split: str, data_dir: str | None = None, source:
     split = SPLITS[split]
     root = Path(data_dir) if data_dir else default_data_dir()
     if name not in REGISTRY:
-        if Path(name).is_file():
-            sentences = read_any(name)
+        path = data_file(name, split)
+        if path is not None:
+            sentences = read_any(path)
             types = sorted({e.type for s in sentences for e in s.entities})
-            return NERDataset(name, split, sentences, types, {t: describe(t) for t in types})
-        raise ValueError(f"unknown data set {name!r} (and no such file); known: {sorted(REGISTRY)}")
+            return NERDataset(name, split, sentences, types, user_type_descriptions(types, root))
+        raise ValueError(f"unknown data set {name!r} (and no such file or folder); known: {sorted(REGISTRY)}")
     if source == "hub":
         sentences = _load_hub_sentences(name, split)
     elif source == "local":
