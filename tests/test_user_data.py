@@ -114,3 +114,22 @@ def test_cli_scores_a_label_mapped_file_with_examples_from_the_named_file(tmp_pa
     (sentence,) = saved["results"][test]["sentences"]
     assert sentence["gold"] == {"location": ["Paris"], "person": ["John"]}
     assert saved["config"]["label_map"] == {"PER": "person", "LOC": "location"}
+
+
+def test_grpo_prompts_and_eval_use_the_label_map_and_never_score_their_own_examples(tmp_path, smollm2_tokenizer):
+    import train_grpo
+    from ner.evaluation import make_eval_fn
+
+    train = str(write(tmp_path / "train.txt", TRAIN))
+    test = str(write(tmp_path / "test.txt", TEST))
+    cfg = parse_config(train_grpo.NERGRPOConfig, ["--dataset", train, "--label_map", "PER=person,LOC=location",
+                                                  "--format", "json", "--k_shot", "1", "--reward_weights", "f1=1"])
+    prompts, _ = train_grpo.build_train_prompts(cfg, smollm2_tokenizer)
+    assert [p["gold"] for p in prompts] == [{"location": ["Rome"], "ORG": [], "person": ["Mary"]},
+                                            {"location": [], "ORG": ["IBM"], "person": []}]
+    # The trainer's eval set is checked when the eval function is made, before any training step.
+    with pytest.raises(ValueError, match=r"split 'dev' of .*test\.txt: a single data file has no splits"):
+        make_eval_fn(None, smollm2_tokenizer, test, "dev", 1, "json", 1, 0, 8)
+    with pytest.raises(ValueError, match="would come from that very file"):
+        make_eval_fn(None, smollm2_tokenizer, test, "", 1, "json", 1, 0, 8)
+    make_eval_fn(None, smollm2_tokenizer, test, "", 1, "json", 1, 0, 8, fewshot_data=train)
