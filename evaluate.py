@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpo.config import ConfigError, list_option, parse_config
+from grpo.config import dict_option as _dict
 from grpo.config import option as _f
 from ner.metrics import format_table
 from ner.protocols import format_protocols, protocol_names, score_protocols
@@ -26,10 +27,17 @@ class EvalConfig:
     """Evaluate a model's reasoning-NER F1 on data sets (or: `--compare A/report.json B/report.json --help`)."""
     model: str = _f("smollm2-135m-instruct", "model: local folder / checkpoint, hub id, or smollm2-135m-instruct")
     dataset: list[str] = list_option(["conll2003"], "one or more registered names or data files (comma-separated)")
-    split: str = _f("test", "split to evaluate")
+    split: str = _f("", "split to evaluate of a registered data set or a folder of train/dev/test files "
+                        "(empty = test); a single data file is scored whole and takes no split")
     limit: int = _f(500, "first N sentences of each dataset (0 = all)")
     format: str = _f("tagged", "tagged (one prompt per type) | json (all types at once)")
-    k_shot: int = _f(2, "few-shot examples per prompt, from the train split")
+    k_shot: int = _f(2, "few-shot examples per prompt, from the train split (see --fewshot_data)")
+    fewshot_data: str = _f("", "where few-shot examples come from: a registered name or folder (its train split) "
+                               "or a data file; empty = the evaluated data set's train split. A single data file "
+                               "needs it (or --k_shot 0): examples never come from the scored file")
+    label_map: dict[str, str] = _dict({}, "rename a data file's types to the names the model knows, e.g. "
+                                          "PER=person,LOC=location,ORG=organisation,MISC=misc (they then get "
+                                          "those names' descriptions); registered data sets are never renamed")
     prompt_seed: int = _f(0, "seed of the few-shot example choice")
     max_new_tokens: int = _f(256, "generation budget per answer")
     temperature: float = _f(0.0, "0 = greedy")
@@ -49,6 +57,13 @@ class EvalConfig:
             protocol_names(self.protocol)
         except ValueError as exc:
             raise ConfigError(f"--protocol: {exc}") from None
+        from ner.user_data import check_label_map, check_split
+        try:
+            check_label_map(self.label_map)
+            for name in self.dataset:
+                check_split(name, self.split)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -66,20 +81,23 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     from grpo.engine_factory import build_engine
     from grpo.models import load_model_and_tokenizer
-    from ner.evaluation import evaluate_dataset
+    from ner.evaluation import evaluate_dataset, load_eval_data
 
+    for name in cfg.dataset:  # every data problem surfaces before the model loads
+        load_eval_data(name, cfg.split, cfg.limit, cfg.k_shot, cfg.data_dir, cfg.fewshot_data, cfg.label_map)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, device)
     model.eval()
     engine = build_engine(cfg.engine, model, tokenizer, max_batch_tokens=cfg.max_batch_tokens)
     results, md = {}, [f"# Evaluation of `{cfg.model}`\n",
-                       f"format `{cfg.format}`, k_shot {cfg.k_shot}, split `{cfg.split}`, limit {cfg.limit}, "
+                       f"format `{cfg.format}`, k_shot {cfg.k_shot}, split `{cfg.split or 'test'}`, limit {cfg.limit}, "
                        f"match `{cfg.match}`, temperature {cfg.temperature}\n"]
     for name in cfg.dataset:
         t0 = time.perf_counter()
         report, rows, sentences = evaluate_dataset(
             engine, tokenizer, name, cfg.split, cfg.limit, cfg.format, cfg.k_shot, cfg.prompt_seed,
-            cfg.max_new_tokens, cfg.data_dir, mode=cfg.match, batch_size=cfg.batch_size, temperature=cfg.temperature)
+            cfg.max_new_tokens, cfg.data_dir, mode=cfg.match, batch_size=cfg.batch_size, temperature=cfg.temperature,
+            fewshot_data=cfg.fewshot_data, label_map=cfg.label_map)
         seconds = time.perf_counter() - t0
         table = format_table(report)
         # report.per_type is keyed by the dataset's schema, in its order: the types the protocols score.

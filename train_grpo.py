@@ -14,16 +14,17 @@ import torch
 from grpo.config import parse_config
 from grpo.distributed import cleanup, init_distributed, shard_model, shard_trainable
 from grpo.engine_factory import build_engine
+from grpo.config import dict_option as _dict
 from grpo.config import option as _f
 from grpo.grpo_config import GRPOConfig
 from grpo.models import load_model, load_model_and_tokenizer, parse_dtype
 from grpo.rollout_io import tokenize_prompts
 from grpo.trainer import train
-from ner.data import load_ner_dataset
 from ner.evaluation import make_eval_fn
 from ner.headroom import keep_disagreeing_prompts
 from ner.prompts import build_prompts, limit_empty_answers
 from ner.rewards import build_reward_fns
+from ner.user_data import is_single_file, load_user_dataset
 
 
 @dataclass
@@ -35,13 +36,18 @@ class NERGRPOConfig(GRPOConfig):
     offset: int = _f(0, "skip the first N training sentences (e.g. the ones CoT tuning used)")
     limit: int = _f(0, "then use the next N training sentences (0 = all)")
     format: str = _f("tagged", "tagged (blog: one prompt per type) | json (ReasoningNER: all types at once)")
-    k_shot: int = _f(2, "few-shot examples per prompt, drawn from the training split")
+    k_shot: int = _f(2, "few-shot examples per prompt, drawn from the training split (see fewshot_data)")
+    fewshot_data: str = _f("", "where few-shot examples come from: a registered name or folder (its train split) or "
+                               "a data file; empty = the dataset's train split (for a single-file eval_dataset: "
+                               "the training dataset's). Never the data being evaluated")
+    label_map: dict[str, str] = _dict({}, "rename data files' types to the names the model knows, e.g. "
+                                          "PER=person,LOC=location (registered data sets are never renamed)")
     prompt_seed: int = _f(0, "seed of the few-shot example choice")
     max_empty_ratio: float = _f(-1.0, "keep at most this many training prompts whose gold is empty per prompt "
                                       "with an entity (tagged CoNLL is ~2/3 empty); negative = keep all")
     ref_model: str | None = _f(None, "reference model (default: the initial policy, i.e. --model)")
     eval_dataset: str = _f("conll2003", "dev set for periodic evaluation")
-    eval_split: str = _f("dev", "split of eval_dataset")
+    eval_split: str = _f("dev", "split of eval_dataset (empty for a single data file, which has no splits)")
     prompt_filter: str = _f("", "path of a ner.headroom JSONL: train only on the prompts it covers whose G sampled "
                                 "rewards were not all equal (dropped: prompts it marks all_equal AND prompts it does "
                                 "not cover); fails if its prompts are not this config's. Offline twin of "
@@ -55,10 +61,11 @@ def build_train_prompts(cfg: NERGRPOConfig, tokenizer) -> tuple[list[dict], int]
     train_grpo.main and ner.headroom both call this, so a headroom file's indices are this list's. Each record
     carries its ``prompt_ids`` (the trainer's tokenize_prompts uses them as they are instead of tokenizing again).
     """
-    data = load_ner_dataset(cfg.dataset, cfg.split, cfg.data_dir)
+    data = load_user_dataset(cfg.dataset, cfg.split, cfg.data_dir, cfg.label_map)
     data.sentences = data.sentences[cfg.offset:cfg.offset + cfg.limit if cfg.limit else None]
-    prompts = build_prompts(data, cfg.format, k_shot=cfg.k_shot, seed=cfg.prompt_seed,
-                            fewshot_pool=load_ner_dataset(cfg.dataset, "train", cfg.data_dir))
+    pool = load_user_dataset(cfg.fewshot_data or cfg.dataset, "train", cfg.data_dir, cfg.label_map,
+                             require_keys=False)
+    prompts = build_prompts(data, cfg.format, k_shot=cfg.k_shot, seed=cfg.prompt_seed, fewshot_pool=pool)
     prompts = limit_empty_answers(prompts, cfg.max_empty_ratio, cfg.seed)
     ids, kept, n_dropped = tokenize_prompts(tokenizer, prompts, cfg.max_prompt_len)
     return [{**record, "prompt_ids": toks} for record, toks in zip(kept, ids)], n_dropped
@@ -96,9 +103,12 @@ def main(argv: list[str] | None = None) -> None:
         if info.rank == 0:
             print(note, flush=True)
     reward_fns = build_reward_fns(cfg.reward_weights)
+    # A single eval file has no train split: its few-shot examples come from the training data.
+    eval_fewshot = cfg.fewshot_data or (cfg.dataset if is_single_file(cfg.eval_dataset) else "")
     eval_fn = make_eval_fn(engine, tokenizer, cfg.eval_dataset, cfg.eval_split, cfg.eval_limit, cfg.format,
                            cfg.k_shot, cfg.prompt_seed, cfg.max_completion_len, cfg.data_dir,
-                           stop=cfg.stop or None) if cfg.eval_limit > 0 else None
+                           stop=cfg.stop or None, fewshot_data=eval_fewshot,
+                           label_map=cfg.label_map) if cfg.eval_limit > 0 else None
 
     train(cfg, policy, tokenizer, prompts, reward_fns, info, engine, ref_model=ref_model, eval_fn=eval_fn)
     cleanup()

@@ -71,9 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
         ensure_cot_data(cfg)
     barrier()
 
+    # Read (and validate) the CoT file before the model loads, so a bad line costs no load time.
+    records = limit_empty_answers(read_cot_records(cfg.data), cfg.max_empty_ratio, cfg.seed)
     # fp32 master weights, compute in cfg.dtype (grpo.distributed.shard_trainable)
     model, tokenizer = load_model_and_tokenizer(cfg.model, "float32", info.device)
-    records = limit_empty_answers(read_cot_records(cfg.data), cfg.max_empty_ratio, cfg.seed)
     rows, dropped = tokenize_pairs(tokenizer, sft_pairs(records, tokenizer), cfg.max_len)
     if info.rank == 0:
         print(f"sft data: {len(records)} accepted CoT records from {cfg.data}; {dropped} longer than "

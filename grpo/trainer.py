@@ -12,7 +12,8 @@
         log, samples.jsonl, eval, checkpoint
 
 Task-agnostic: prompts are dicts with ``messages`` (chat) or ``prompt`` (text) plus whatever the reward callables
-read; a reward callable is ``fn(completions: list[str], samples: list[dict]) -> list[float]``.
+read; a reward callable is ``fn(completions: list[str], samples: list[dict]) -> list[float]``, optionally with a
+``batch_metrics`` attribute of the same signature returning {name: count} (see ``reward_diagnostics``).
 
 Distributed (torchrun): every rank generates for its own slice of the step's prompts, so groups never cross ranks;
 each rank's loss is divided by the step's GLOBAL token (or sequence) count and FSDP2 is set to SUM gradients over
@@ -54,6 +55,21 @@ def score_completions(texts: list[str], samples: list[dict],
         per_fn[name] = values
     total = sum(w * per_fn[name] for name, w, _ in reward_fns)
     return total, per_fn
+
+
+def reward_diagnostics(texts: list[str], samples: list[dict],
+                       reward_fns: list[tuple[str, float, RewardFn]]) -> dict[str, float]:
+    """Counts the reward callables report about a batch besides their values, e.g. how many completions their
+    parser failed on: a callable may carry ``batch_metrics(completions, samples) -> {name: count}``, which must
+    return the same names on every call. Each distinct ``batch_metrics`` runs once; logged as ``reward/<name>``."""
+    out: dict[str, float] = {}
+    seen: set[int] = set()
+    for _, _, fn in reward_fns:
+        report = getattr(fn, "batch_metrics", None)
+        if callable(report) and id(report) not in seen:
+            seen.add(id(report))
+            out.update({name: float(v) for name, v in report(texts, samples).items()})
+    return out
 
 
 def global_advantages(rewards: torch.Tensor, cfg: GRPOConfig, info: DistInfo) -> torch.Tensor:
@@ -240,6 +256,7 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
         samples = [prompts[i] for i in local for _ in range(cfg.group_size)]
         texts = [r.text for r in rollouts]
         rewards, per_fn = score_completions(texts, samples, reward_fns)
+        counts = {f"reward/{k}": v for k, v in reward_diagnostics(texts, samples, reward_fns).items()}
         lengths = torch.tensor([len(r.completion_ids) for r in rollouts], dtype=torch.float32)
         truncated = torch.tensor([r.finish_reason == "length" for r in rollouts])
         if cfg.overlong_buffer > 0:
@@ -287,7 +304,7 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
                    "completion/len_mean": lengths.mean(), "completion/len_max": lengths.max(),
                    "completion/truncated_frac": truncated.float().mean(),
                    "lr": scheduler.get_last_lr()[0],
-                   **{f"reward/{k}": v.mean() for k, v in per_fn.items()},
+                   **{f"reward/{k}": v.mean() for k, v in per_fn.items()}, **counts,
                    **({"reward/kl_penalty": (rewards - shaped).mean()} if cfg.kl_in_reward else {}),
                    **{f"train/{k}": v for k, v in train_metrics.items()},
                    **{f"time/{k}": v for k, v in times.items()}}
@@ -296,8 +313,9 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
             metrics["engine_logprob_gap/mean"] = gap.sum() / batch.completion_mask.sum().clamp(min=1)
             metrics["engine_logprob_gap/max"] = gap.max()
         metrics = {k: float(v) for k, v in metrics.items()}
-        if info.world_size > 1:  # average over ranks (max-type metrics become means of per-rank maxima)
-            metrics = {k: all_reduce_sum(v) / info.world_size for k, v in metrics.items()}
+        # Average over ranks (max-type metrics become means of per-rank maxima); the reward callables' counts add up.
+        if info.world_size > 1:
+            metrics = {k: all_reduce_sum(v) / (1 if k in counts else info.world_size) for k, v in metrics.items()}
         metrics["tokens_per_s"] = metrics["completion/len_mean"] * len(rollouts) * info.world_size / max(
             sum(times.values()), 1e-9)
         history.append({"step": step + 1, **metrics})

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 from ner.descriptions import CONLL_FALLBACK, CONLL_TYPES, CROSSNER_TYPES, describe
@@ -26,6 +27,7 @@ REGISTRY = {"conll2003": "conll2003", **{f"crossner_{d}": f"crossner/{d}" for d 
 HUB_IDS = {"conll2003": ("eriktks/conll2003", None), **{f"crossner_{d}": ("DFKI-SLT/cross_ner", d)
                                                           for d in CROSSNER_TYPES}}
 SPLITS = {"train": "train", "dev": "dev", "validation": "dev", "valid": "dev", "test": "test"}
+SPLIT_FILE_STEMS = {"train": ("train",), "dev": ("dev", "validation", "valid"), "test": ("test",)}
 
 
 class DataFormatError(ValueError):
@@ -130,10 +132,25 @@ def _columns(line: str) -> list[str]:
     return [c for c in (line.split("\t") if "\t" in line else line.split(" ")) if c]
 
 
+def _check_column_counts(path: Path, rows: list[tuple[int, list[str]]]) -> None:
+    """Every token line has the file's usual column count (the most common one), else a DataFormatError."""
+    counts = Counter(len(cols) for _, cols in rows if cols)
+    if len(counts) <= 1:
+        return
+    usual = counts.most_common(1)[0][0]
+    lineno, cols = next((n, c) for n, c in rows if c and len(c) != usual)
+    hint = (" (a token with a space needs a tab between token and tag)" if len(cols) > usual else "")
+    raise DataFormatError(path, lineno, f"line has {len(cols)} columns {cols!r} but the file's other lines have "
+                                        f"{usual}; which column is the token is ambiguous{hint}")
+
+
 def read_column_file(path: str | os.PathLike, scheme: str = "auto", strict: bool = False) -> list[Sentence]:
     """One token per line, blank line between sentences; ``token TAG`` or ``TAG token`` (detected per file).
 
-    With more than two columns (CoNLL: token POS chunk tag) the first is the token and the last the tag.
+    Columns are separated by tabs when the line has one, else by spaces. With more than two columns (CoNLL:
+    token POS chunk tag) the first is the token and the last the tag. Every token line of a file must have the
+    same number of columns: a space-separated ``New York B-LOC`` among two-column lines would otherwise lose
+    "York" without a word, so it is an error naming the line (a token with a space needs a tab-separated file).
     ``-DOCSTART-`` lines end the current sentence and are dropped.
     """
     path = Path(path)
@@ -145,6 +162,7 @@ def read_column_file(path: str | os.PathLike, scheme: str = "auto", strict: bool
         if len(cols) == 1:
             raise DataFormatError(path, lineno, f"line has one column ({cols[0]!r}); expected a token and a tag")
         rows.append((lineno, cols))
+    _check_column_counts(path, rows)
     filled = [c for _, c in rows if c]
     tag_first = sum(map(bool, (_TAG_RE.match(c[0]) for c in filled))) > sum(
         map(bool, (_TAG_RE.match(c[-1]) for c in filled)))
@@ -171,9 +189,15 @@ def read_column_file(path: str | os.PathLike, scheme: str = "auto", strict: bool
 
 
 def _entity_from_json(obj: object, n_tokens: int, path: Path, lineno: int) -> tuple[str, int, int, str | None]:
-    if not (isinstance(obj, dict) and isinstance(obj.get("type"), str)
-            and isinstance(obj.get("start"), int) and isinstance(obj.get("end"), int)):
-        raise DataFormatError(path, lineno, f"entity {obj!r} needs a string 'type' and integer 'start', 'end'")
+    def is_index(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a token index
+
+    if not (isinstance(obj, dict) and isinstance(obj.get("type"), str) and is_index(obj.get("start"))
+            and is_index(obj.get("end"))):
+        raise DataFormatError(path, lineno, f"field 'entities': entity {json.dumps(obj)} needs a string 'type' and "
+                                            f"integer 'start', 'end'")
+    if obj.get("text") is not None and not isinstance(obj["text"], str):
+        raise DataFormatError(path, lineno, f"field 'entities': entity text {json.dumps(obj['text'])} is not a string")
     if not 0 <= obj["start"] < obj["end"] <= n_tokens:
         raise DataFormatError(path, lineno, f"entity span [{obj['start']}, {obj['end']}) is outside the "
                                             f"{n_tokens} tokens or empty")
@@ -194,8 +218,12 @@ def read_jsonl(path: str | os.PathLike) -> list[Sentence]:
         tokens = rec.get("tokens") if isinstance(rec, dict) else None
         if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
             raise DataFormatError(path, lineno, "record needs a 'tokens' list of strings")
+        entities = rec.get("entities", [])
+        if not isinstance(entities, list):
+            raise DataFormatError(path, lineno, f"field 'entities' must be a list of {{type, start, end}} objects "
+                                                f"(or absent), got {json.dumps(entities)}")
         spans = []
-        for ent in rec.get("entities", []):
+        for ent in entities:
             typ, s, e, text = _entity_from_json(ent, len(tokens), path, lineno)
             if text is not None and text != " ".join(tokens[s:e]):
                 raise DataFormatError(path, lineno, f"entity text {text!r} != tokens {s}:{e} "
@@ -332,8 +360,34 @@ def conll_descriptions(data_dir: Path) -> dict[str, str]:
     return {CONLL_ABBREVIATIONS[k]: v.strip() for k, v in queries.items() if k in CONLL_ABBREVIATIONS}
 
 
+def data_file(name: str, split: str) -> Path | None:
+    """The file ``load_ner_dataset(name, split)`` reads when ``name`` is a path: the file itself, or a folder's
+    ``<split>.<ext>`` file (dev may be named dev, validation or valid). None for anything else."""
+    path = Path(name)
+    if name in REGISTRY or not path.is_dir():
+        return path if name not in REGISTRY and path.is_file() else None
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+    stems = SPLIT_FILE_STEMS[SPLITS[split]]
+    found = sorted(p for p in path.iterdir() if p.is_file() and p.stem.lower() in stems)
+    if len(found) != 1:
+        have = ", ".join(sorted(p.name for p in path.iterdir() if p.is_file())) or "no files"
+        problem = "no file" if not found else f"{len(found)} files ({', '.join(p.name for p in found)})"
+        raise FileNotFoundError(f"{path}: {problem} for split {split!r}; a data folder holds one file per split "
+                                f"named {' or '.join(f'{s}.<ext>' for s in stems)} (it has: {have})")
+    return found[0]
+
+
+def user_type_descriptions(types: list[str], data_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """Descriptions of a user file's types: CoNLL-2003's own for its four type names (what a model tuned on
+    CoNLL saw in its prompts), else ``ner.descriptions.describe``."""
+    conll = conll_descriptions(Path(data_dir) if data_dir else default_data_dir())
+    return {t: conll.get(t) or describe(t) for t in types}
+
+
 def load_ner_dataset(name: str, split: str, data_dir: str | None = None, source: str = "local") -> NERDataset:
-    """A registered data set (``conll2003``, ``crossner_<domain>``) or a path to a data file.
+    """A registered data set (``conll2003``, ``crossner_<domain>``), a path to a data file (the file is the split,
+    whatever ``split`` says), or a folder of split files (``data_file``).
 
     ``source="hub"`` downloads the registered set with ``datasets`` instead of reading ``data_dir``.
     Types are sorted; every type has a description (generic fallback for types nobody described).
@@ -343,11 +397,12 @@ def load_ner_dataset(name: str, split: str, data_dir: str | None = None, source:
     split = SPLITS[split]
     root = Path(data_dir) if data_dir else default_data_dir()
     if name not in REGISTRY:
-        if Path(name).is_file():
-            sentences = read_any(name)
+        path = data_file(name, split)
+        if path is not None:
+            sentences = read_any(path)
             types = sorted({e.type for s in sentences for e in s.entities})
-            return NERDataset(name, split, sentences, types, {t: describe(t) for t in types})
-        raise ValueError(f"unknown data set {name!r} (and no such file); known: {sorted(REGISTRY)}")
+            return NERDataset(name, split, sentences, types, user_type_descriptions(types, root))
+        raise ValueError(f"unknown data set {name!r} (and no such file or folder); known: {sorted(REGISTRY)}")
     if source == "hub":
         sentences = _load_hub_sentences(name, split)
     elif source == "local":

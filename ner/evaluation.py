@@ -9,10 +9,11 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from ner.data import load_ner_dataset
 from ner.metrics import NERReport, score_corpus
 from ner.parsing import Parsed, parse_completion
 from ner.prompts import build_prompts, render_prompt
+from ner.types import NERDataset
+from ner.user_data import check_split, load_fewshot_pool, load_user_dataset
 
 # Tagged answers end with </entity>; stopping there saves the tokens a small model babbles afterwards.
 STOP = {"tagged": ["</entity>"], "json": None}
@@ -87,16 +88,26 @@ def score_answers(records: list[dict], completions: list[str], types: list[str],
     return report, rows
 
 
+def load_eval_data(dataset: str, split: str, limit: int, k_shot: int, data_dir: str | None = None,
+                   fewshot_data: str = "", label_map: dict[str, str] | None = None
+                   ) -> tuple[NERDataset, NERDataset | None]:
+    """(the first ``limit`` sentences to score, the few-shot pool or None); ner.user_data says which split is
+    scored, how ``label_map`` renames a data file's types and where few-shot examples come from (never the
+    scored data). Cheap after the first call (files are cached), so callers may check it before loading a model."""
+    check_split(dataset, split)
+    data = load_user_dataset(dataset, split, data_dir, label_map)
+    if limit:
+        data.sentences = data.sentences[:limit]
+    return data, load_fewshot_pool(dataset, split, k_shot, fewshot_data, data_dir, label_map)
+
+
 def evaluate_dataset(engine, tokenizer, dataset: str, split: str, limit: int, fmt: str, k_shot: int,
                      prompt_seed: int, max_new_tokens: int, data_dir: str | None = None,
                      stop: list[str] | None = None, mode: str = "exact", batch_size: int = 32,
-                     temperature: float = 0.0,
-                     progress: bool = True) -> tuple[NERReport, list[dict], list[dict]]:
+                     temperature: float = 0.0, progress: bool = True, fewshot_data: str = "",
+                     label_map: dict[str, str] | None = None) -> tuple[NERReport, list[dict], list[dict]]:
     """Generate on the first ``limit`` sentences and score: ``score_sentences``'s report, rows, sentences."""
-    data = load_ner_dataset(dataset, split, data_dir)
-    if limit:
-        data.sentences = data.sentences[:limit]
-    pool = load_ner_dataset(dataset, "train", data_dir) if k_shot else None
+    data, pool = load_eval_data(dataset, split, limit, k_shot, data_dir, fewshot_data, label_map)
     records = build_prompts(data, fmt, k_shot=k_shot, seed=prompt_seed, fewshot_pool=pool)
     completions = generate_completions(engine, tokenizer, records, max_new_tokens, temperature=temperature,
                                        stop=stop if stop is not None else STOP[fmt], batch_size=batch_size,
@@ -105,12 +116,16 @@ def evaluate_dataset(engine, tokenizer, dataset: str, split: str, limit: int, fm
 
 
 def make_eval_fn(engine, tokenizer, dataset: str, split: str, limit: int, fmt: str, k_shot: int, prompt_seed: int,
-                 max_new_tokens: int, data_dir: str | None = None,
-                 stop: list[str] | None = None) -> Callable[[int], dict[str, float]]:
-    """A plain callable for the trainer: greedy decoding on the first ``limit`` dev sentences → scalar metrics."""
+                 max_new_tokens: int, data_dir: str | None = None, stop: list[str] | None = None,
+                 fewshot_data: str = "", label_map: dict[str, str] | None = None) -> Callable[[int], dict[str, float]]:
+    """A plain callable for the trainer: greedy decoding on the first ``limit`` dev sentences → scalar metrics.
+    The data is checked here, so a bad eval set fails before training instead of at the first evaluation."""
+    load_eval_data(dataset, split, limit, k_shot, data_dir, fewshot_data, label_map)
+
     def eval_fn(step: int) -> dict[str, float]:
         report, rows, _ = evaluate_dataset(engine, tokenizer, dataset, split, limit, fmt, k_shot, prompt_seed,
-                                           max_new_tokens, data_dir, stop, progress=False)
+                                           max_new_tokens, data_dir, stop, progress=False,
+                                           fewshot_data=fewshot_data, label_map=label_map)
         return {"f1": report.f1, "precision": report.precision, "recall": report.recall,
                 "format_ok": sum(r["format_ok"] for r in rows) / max(len(rows), 1)}
     return eval_fn

@@ -6,6 +6,10 @@ Two verdicts with different strictness, because they feed different rewards:
   * ``format_ok`` / ``schema_ok`` are strict: one think block first, one answer block, nothing after;
     a JSON object of exactly the right shape.
 ``errors`` lists every deviation in words, for logs and tests.
+
+``parse_completion`` catches any exception of the internal parsers (a parser bug must not kill a training run)
+and marks the result ``parser_raised``; ``ner.rewards`` counts those as the ``reward/parse_errors`` metric, so a
+swallowed bug shows in the logs. Tests call the internal parsers directly, where nothing is swallowed.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class Parsed:
     format_ok: bool = False
     schema_ok: bool = False
     errors: list[str] = field(default_factory=list)
+    parser_raised: bool = False  # an internal parser raised: a bug in this module, never the model's fault
 
 
 def _strip_end_markers(text: str) -> str:
@@ -51,8 +56,8 @@ def parse_completion(text: str, fmt: str, types: list[str]) -> Parsed:
         if fmt == "json":
             return _parse_json(text, list(types))
         return Parsed(errors=[f"unknown format {fmt!r}"])
-    except Exception as exc:  # a parser bug must never kill a training run; it shows up as an error instead
-        return Parsed(errors=[f"internal parser error: {type(exc).__name__}: {exc}"])
+    except Exception as exc:  # a parser bug must never kill a training run; it is counted and logged instead
+        return Parsed(errors=[f"internal parser error: {type(exc).__name__}: {exc}"], parser_raised=True)
 
 
 def _split_think(text: str, errors: list[str]) -> tuple[str | None, str, bool]:

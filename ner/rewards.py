@@ -10,6 +10,8 @@ Presets (weights passed to ``build_reward_fns``):
                 exact answer 2.0; TRL sums reward functions with weight 1). Our format/exact_match return
                 1.0, so the weights carry the blog's scale.
   reasoningner  10 * f1 + 1 * schema (ReasoningNER, arXiv 2511.11978).
+Every reward also carries ``batch_metrics = parse_metrics`` (the count of completions on which the parser raised),
+which grpo.trainer logs as ``reward/parse_errors``.
 ``correct_entities`` and ``spurious_entities`` are the two counts behind blog_entity (0.5 · correct − 0.5 · spurious),
 for other weights; ``_spurious_entities`` says which weight matches corpus micro-F1.
 """
@@ -42,8 +44,15 @@ def _parsed(completion: str, sample: dict) -> Parsed:
     return _parse_cached(completion, sample["format"], tuple(sample["types"]))
 
 
+def parse_metrics(completions: list[str], samples: list[dict]) -> dict[str, float]:
+    """Batch diagnostics every NER reward reports (as its ``batch_metrics``; grpo.trainer logs them as
+    ``reward/<name>``): ``parse_errors``, the number of completions on which the parser raised. Such a
+    completion scores 0 (or the reward's penalty) like any unparseable answer; this count keeps the bug visible."""
+    return {"parse_errors": float(sum(_parsed(c, s).parser_raised for c, s in zip(completions, samples)))}
+
+
 def _per_completion(score: Callable[[Parsed, dict], float]) -> RewardFn:
-    """Lift a per-completion score(parsed, sample) into a batched reward fn."""
+    """Lift a per-completion score(parsed, sample) into a batched reward fn (with ``parse_metrics`` attached)."""
     def reward(completions: list[str], samples: list[dict]) -> list[float]:
         if len(completions) != len(samples):
             raise ValueError(f"{len(completions)} completions but {len(samples)} samples")
@@ -51,6 +60,7 @@ def _per_completion(score: Callable[[Parsed, dict], float]) -> RewardFn:
 
     reward.__name__ = score.__name__
     reward.__doc__ = score.__doc__
+    reward.batch_metrics = parse_metrics
     return reward
 
 

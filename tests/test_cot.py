@@ -15,7 +15,7 @@ import pytest
 
 from ner.cot import (EngineTeacher, HTTPTeacher, TemplateTeacher, chat_completions_url, generate_cot, parse_score,
                      read_done_ids, record_id, validate_completion)
-from ner.data import write_jsonl
+from ner.data import DataFormatError, write_jsonl
 from ner.prompts import build_prompts
 from ner.sft_data import read_cot_records, sft_pairs
 from ner.types import Entity, NERDataset, Sentence
@@ -98,6 +98,40 @@ def test_template_teacher_writes_accepted_records(tmp_path):
     pairs = sft_pairs(read_cot_records(out), ToyTemplate())
     assert pairs[0][0].endswith("Sentence: Japan beat Syria .[assistant]") and "correct answer" not in pairs[0][0]
     assert pairs[0][1] == rows[0]["completion"]
+
+
+GOOD_COT = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+            "completion": "<think>r</think> <entity></entity>", "accepted": True, "gold": {"person": []}}
+
+
+@pytest.mark.parametrize("field,value,problem", [
+    ("messages", "hello", "field 'messages' must be a non-empty list of {role, content} objects, got \"hello\""),
+    ("messages", [], "field 'messages' must be a non-empty list"),
+    ("messages", [{"role": "user", "content": "u"}, {"role": "user"}], "field 'messages'[1] must be an object"),
+    ("messages", ["hello"], "field 'messages'[0] must be an object"),
+    ("completion", None, "field 'completion' must be a string, got null"),
+    ("accepted", "yes", "field 'accepted' must be true or false"),
+    ("gold", None, "field 'gold' must be an object"),
+])
+def test_bad_cot_records_name_file_line_and_field(tmp_path, field, value, problem):
+    path = tmp_path / "cot.jsonl"
+    bad = {**GOOD_COT, field: value}
+    path.write_text(json.dumps(GOOD_COT) + "\n\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataFormatError) as err:
+        read_cot_records(path)
+    assert str(err.value).startswith(f"{path}, line 3: ") and problem in str(err.value)
+
+
+def test_cot_record_that_is_not_an_object_or_lacks_fields(tmp_path):
+    path = tmp_path / "cot.jsonl"
+    path.write_text("[1, 2]\n")
+    with pytest.raises(DataFormatError, match=r"cot\.jsonl, line 1: CoT record must be a JSON object, got \[1, 2\]"):
+        read_cot_records(path)
+    path.write_text(json.dumps({"messages": GOOD_COT["messages"]}) + "\n")
+    with pytest.raises(DataFormatError, match=r"line 1: CoT record lacks \['completion', 'accepted'\]"):
+        read_cot_records(path)
+    path.write_text(json.dumps(GOOD_COT) + "\n")
+    assert read_cot_records(path) == [GOOD_COT]
 
 
 # ----------------------------------------------------------------------------- HTTP teacher

@@ -102,6 +102,11 @@ ERROR_CASES = [  # (file name, content, expected line, problem fragment)
     ("empty.txt", b"", 1, "empty file"),
     ("blank.txt", "\n\n  \n", 1, "empty file"),
     ("docstart_only.txt", "-DOCSTART-\tO\n\n", 1, "empty file"),
+    # A space-separated multi-word token: token-first would read "New" and drop "York", tag-first "York".
+    ("space_token.txt", "John B-PER\nlives O\nin O\nNew York B-LOC\n. O\n", 4, "line has 3 columns"),
+    ("space_token_tag_first.txt", "B-PER John\nO in\n\nB-LOC New York\n", 4, "line has 3 columns"),
+    # The usual count is the most common one, so an odd FIRST line is the one reported.
+    ("short_first.txt", "EU B-ORG\nrejects VBZ B-VP O\nGerman JJ B-NP B-MISC\n", 1, "other lines have 4"),
 ]
 
 
@@ -113,6 +118,16 @@ def test_column_errors_name_file_line_and_problem(tmp_path, name, content, line,
     msg = str(err.value)
     assert name in msg and f"line {line}" in msg and problem in msg
     assert err.value.line == line and isinstance(err.value, ValueError)
+
+
+def test_tab_files_keep_tokens_with_spaces_and_conll_four_columns_read_token_and_tag(tmp_path):
+    tab = write(tmp_path, "tab.txt", "I\tO\nlove\tO\nNew York\tB-LOC\n")
+    assert [s.tokens for s in read_column_file(tab)] == [["I", "love", "New York"]]
+    assert spans(read_column_file(tab)) == [[("LOC", 2, 3, "New York")]]
+    conll = write(tmp_path, "conll.txt", "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n"
+                                         "German JJ B-NP B-MISC\n")
+    assert [s.tokens for s in read_column_file(conll)] == [["EU", "rejects", "German"]]
+    assert spans(read_column_file(conll)) == [[("ORG", 0, 1, "EU"), ("MISC", 2, 3, "German")]]
 
 
 def test_scheme_errors(tmp_path):
@@ -137,7 +152,14 @@ def test_jsonl_roundtrip_and_errors(tmp_path):
            ('{"tokens": ["a", "b"], "entities": [{"type": "T", "start": 1, "end": 3}]}\n', 1, "outside the 2 tokens"),
            ('{"tokens": ["a"], "entities": [{"type": "T", "start": 0, "end": 1, "text": "b"}]}\n', 1,
             "entity text 'b' != tokens"),
-           ('\n\n{"tokens": "a b"}\n', 3, "'tokens' list of strings")]
+           ('\n\n{"tokens": "a b"}\n', 3, "'tokens' list of strings"),
+           ('{"tokens": ["a"]}\n{"tokens": ["a"], "entities": null}\n', 2, "field 'entities' must be a list"),
+           ('{"tokens": ["a"], "entities": {"type": "T"}}\n', 1, "field 'entities' must be a list"),
+           ('{"tokens": ["a"], "entities": [null]}\n', 1, "field 'entities': entity null needs"),
+           ('{"tokens": ["a"], "entities": [{"type": "T", "start": false, "end": true}]}\n', 1,
+            "integer 'start', 'end'"),
+           ('{"tokens": ["a"], "entities": [{"type": "T", "start": 0, "end": 1, "text": 7}]}\n', 1,
+            "entity text 7 is not a string")]
     for k, (content, line, problem) in enumerate(bad):
         path = write(tmp_path, f"bad{k}.jsonl", content)
         with pytest.raises(DataFormatError) as err:

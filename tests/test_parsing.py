@@ -1,11 +1,16 @@
-"""The completion parser: never raises, lenient extraction, strict format/schema verdicts, named errors."""
+"""The completion parser: never raises, lenient extraction, strict format/schema verdicts, named errors.
+
+The never-raise properties call the internal parsers (``_parse_tagged``, ``_parse_json``) directly:
+``parse_completion`` catches their exceptions, so a test through it alone would stay green on a raising parser.
+"""
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ner.parsing import Parsed, parse_completion
+from ner.parsing import Parsed, _parse_json, _parse_tagged, _strip_end_markers, parse_completion
+from ner.prompts import format_answer
 
 TYPES = ["person", "location"]
 TAGGED_OUTPUTS = [
@@ -35,8 +40,13 @@ def check_types(p: Parsed, types: list[str]) -> None:
 
 
 def parse_both(text: str) -> None:
-    check_types(parse_completion(text, "tagged", ["person"]), ["person"])
-    check_types(parse_completion(text, "json", TYPES), TYPES)
+    """Both internal parsers on ``text`` (an exception fails the test), and the public entry point agrees."""
+    stripped = _strip_end_markers(text)
+    for fmt, parser, types in (("tagged", _parse_tagged, ["person"]), ("json", _parse_json, TYPES)):
+        direct = parser(stripped, list(types))
+        check_types(direct, types)
+        public = parse_completion(text, fmt, types)
+        assert not public.parser_raised and public == direct
 
 
 @settings(max_examples=200, deadline=None)
@@ -59,9 +69,37 @@ def test_fragment_soup_never_raises(parts):
 def test_deep_nesting_and_non_strings_never_raise():
     for text in ["[" * 100_000, "<think></think>" + "{" * 50_000, '<think></think>{"entities": ' + "[" * 50_000]:
         parse_both(text)
+    for text in ["[" * 100_000, "<think></think>" + "{" * 50_000]:  # the internal parsers alone, too
+        assert _parse_json(text, TYPES).entities is None and _parse_tagged(text, ["person"]).entities is None
     p = parse_completion(None, "json", TYPES)  # type: ignore[arg-type]
     assert p.entities is None and p.errors == ["completion is NoneType, not str"]
     assert parse_completion("x", "yaml", TYPES).errors == ["unknown format 'yaml'"]
+
+
+# Round trips: an answer written the way ner.prompts writes gold answers (and the model is taught to) parses back
+# to exactly the entities it was written from, with a clean verdict. Texts are what each format can carry: tagged
+# items have no ", " (the separator) and no angle brackets; both formats strip items and drop empty ones.
+THINK = st.text(max_size=60).filter(lambda t: "<think>" not in t and "</think>" not in t)
+TAGGED_ITEM = st.text(min_size=1, max_size=20).filter(
+    lambda x: x == x.strip() and x and ", " not in x and "<" not in x and ">" not in x)
+JSON_ITEM = st.text(min_size=1, max_size=20).filter(lambda x: x == x.strip() and x)
+TYPE_NAME = st.text(min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(THINK, TYPE_NAME, st.lists(TAGGED_ITEM, max_size=6, unique=True))
+def test_tagged_round_trip(think, typ, items):
+    p = _parse_tagged(format_answer({typ: items}, "tagged", [typ], think), [typ])
+    assert (p.think, p.entities, p.format_ok, p.schema_ok, p.errors) == (think, {typ: items}, True, True, [])
+
+
+@settings(max_examples=200, deadline=None)
+@given(THINK, st.dictionaries(TYPE_NAME, st.lists(JSON_ITEM, max_size=4), min_size=1, max_size=4))
+def test_json_round_trip(think, gold):
+    types = list(gold)
+    p = _parse_json(format_answer(gold, "json", types, think), types)
+    # Duplicates are kept: the JSON list can say "Japan" twice.
+    assert (p.think, p.entities, p.format_ok, p.schema_ok, p.errors) == (think, gold, True, True, [])
 
 
 @pytest.mark.parametrize("full", TAGGED_OUTPUTS)

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from ner.rewards import (PRESETS, REWARDS, blog_entity_reward, build_reward_fns, compute_rewards,
                          correct_entities_reward, spurious_entities_reward,
-                         exact_match_reward, f1_reward, format_reward, schema_reward, weighted_sum)
+                         exact_match_reward, f1_reward, format_reward, parse_metrics, schema_reward,
+                         weighted_sum)
 
 TYPES = ["person", "location"]
 # Tagged sample: person gold = Peter Blackburn, Boris Yeltsin.
@@ -120,6 +121,8 @@ def test_malformed_outputs_score_zero_and_never_raise(sample):
             both_empty = sample is JSON_EMPTY
             expected[-2] = 1.0 if name == "format" or both_empty else 0.0
         assert values == expected, (name, values)
+    # These zeros are the parser's verdicts, not a swallowed exception turned into 0.
+    assert parse_metrics(MALFORMED, samples) == {"parse_errors": 0.0}
 
 
 def test_non_string_completion_scores_zero():
@@ -131,6 +134,7 @@ def test_non_string_completion_scores_zero():
 @given(st.text(max_size=120))
 def test_rewards_are_bounded_on_arbitrary_text(text):
     for sample in (TAGGED, JSON):
+        assert parse_metrics([text], [sample]) == {"parse_errors": 0.0}  # the parser answered, it did not raise
         for name, fn in REWARDS.items():
             (v,) = fn([text], [sample])
             assert isinstance(v, float) and math.isfinite(v)
