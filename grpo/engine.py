@@ -187,15 +187,16 @@ def prefix_groups(prompts: list[list[int]], min_saved: int = 8) -> list[tuple[in
     return out
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (B, L) int64, attention_mask (B, L) int64) with every sequence right-aligned."""
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, L) int64, attention_mask (B, L) int64) on ``device``, with every sequence right-aligned."""
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device="cpu")  # filled here, then moved
+    mask = torch.zeros((len(sequences), width), dtype=torch.long, device="cpu")
     for i, s in enumerate(sequences):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long, device="cpu")
         mask[i, width - len(s):] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def _check_args(prompts, n, max_new_tokens, temperature, top_p, stop) -> None:
@@ -239,6 +240,10 @@ class TorchEngine:
         self.share_prefixes = share_prefixes
         params = inspect.signature(model.forward).parameters
         self._forward_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def _device(self) -> torch.device:
+        """Where the model's weights are: every tensor the engine feeds it is made there."""
+        return next(self.model.parameters()).device
 
     def update_weights(self, model: torch.nn.Module) -> None:
         if model is not self.model:
@@ -288,12 +293,12 @@ class TorchEngine:
         the holes change nothing but the work done. (The KV cache is then up to the longest prefix + longest suffix
         wide, at most twice the chunk's planned prompt width.)
         """
-        pad = self.pad_token_id
+        pad, device = self.pad_token_id, self._device()
         # A 1-token loner would leave an all-padding row in the prefix pass; such chunks take the plain path.
         shareable = self.share_prefixes and min(map(len, prompts)) > 1 and plain_full_attention(self.model)
         groups = prefix_groups(prompts) if shareable else []
         if not any(len(members) > 1 for _, members in groups):
-            ids, mask = left_pad(prompts, pad)
+            ids, mask = left_pad(prompts, pad, device)
             cache = new_cache(self.model, ids.shape[1] + max_new)
             return self._logits(ids, mask, padded_positions(mask), cache), cache, mask
         group_of = [0] * len(prompts)
@@ -303,11 +308,11 @@ class TorchEngine:
             prefixes.append(prompts[members[0]][:shared])
             for i in members:
                 group_of[i], suffixes[i] = g, prompts[i][shared:]
-        prefix_ids, prefix_mask = left_pad(prefixes, pad)
-        suffix_ids, suffix_mask = left_pad(suffixes, pad)
+        prefix_ids, prefix_mask = left_pad(prefixes, pad, device)
+        suffix_ids, suffix_mask = left_pad(suffixes, pad, device)
         cache = new_cache(self.model, prefix_ids.shape[1] + suffix_ids.shape[1] + max_new)
         self._logits(prefix_ids, prefix_mask, padded_positions(prefix_mask), cache)
-        fan = torch.tensor(group_of)
+        fan = torch.tensor(group_of, device=device)
         cache_select(cache, fan)
         mask = torch.cat([prefix_mask[fan], suffix_mask], dim=1)
         positions = prefix_mask[fan].sum(-1, keepdim=True) + padded_positions(suffix_mask)
@@ -324,11 +329,11 @@ class TorchEngine:
                 distinct.append(p)
             fan_out.append(len(distinct) - 1)
         logits, cache, mask = self._prefill(distinct, max_new)
-        width = mask.shape[1]
-        fan = torch.tensor(fan_out)
+        width, device = mask.shape[1], mask.device
+        fan = torch.tensor(fan_out, device=device)
         logits = logits[fan]
         cache_select(cache, fan)
-        mask_buf = torch.zeros(len(prompts), width + max_new, dtype=torch.long)
+        mask_buf = torch.zeros(len(prompts), width + max_new, dtype=torch.long, device=device)
         mask_buf[:, :width] = mask[fan]
         next_pos = mask_buf.sum(-1)  # (R,) each row's next position id = its prompt length
         generators = row_generators(seed, row_ids) if temperature > 0 else []
@@ -338,7 +343,8 @@ class TorchEngine:
         finish: list[str | None] = [None] * len(prompts)
         batch = list(range(len(prompts)))  # chunk row held at each batch position
         for step in range(max_new):
-            noise = exponential_noise([generators[r] for r in batch], logits.shape[-1]) if generators else None
+            noise = exponential_noise([generators[r] for r in batch], logits.shape[-1], device) if generators \
+                else None
             tokens, token_logprobs = sample_next_tokens(logits, temperature, top_p, noise)
             token_list, logprob_list = tokens.tolist(), token_logprobs.tolist()
             unfinished = []
@@ -360,7 +366,7 @@ class TorchEngine:
                 break
             dead = len(batch) - len(live)
             if dead and dead >= max(1, int(len(batch) * self.compact_fraction)):
-                keep = torch.tensor(live)
+                keep = torch.tensor(live, device=device)
                 cache_select(cache, keep)
                 mask_buf, next_pos, tokens = mask_buf[keep], next_pos[keep], tokens[keep]
                 batch = [batch[b] for b in live]

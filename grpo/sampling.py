@@ -23,19 +23,21 @@ def row_seed(seed: int, row: int) -> int:
 
 def row_generators(seed: int, rows: list[int]) -> list[torch.Generator]:
     """One CPU generator per row; row i's stream depends only on (seed, rows[i])."""
-    return [torch.Generator().manual_seed(row_seed(seed, row)) for row in rows]
+    return [torch.Generator(device="cpu").manual_seed(row_seed(seed, row)) for row in rows]
 
 
-def exponential_noise(generators: list[torch.Generator], vocab_size: int) -> torch.Tensor:
-    """(len(generators), V) fp32 Exp(1) draws, row i from generators[i] (advancing it by one step).
+def exponential_noise(generators: list[torch.Generator], vocab_size: int, device: torch.device | str = "cpu"
+                      ) -> torch.Tensor:
+    """(len(generators), V) fp32 Exp(1) draws on ``device``, row i from generators[i] (advancing it by one step).
 
     Drawn as -log(U) with U ~ [0, 1) from torch.rand: about 6x faster than Tensor.exponential_ per row. U < 1 keeps
     every draw > 0, so a zero-mass token scores 0 / E = 0, never NaN; U = 0 gives E = inf (that token loses).
+    The generators are CPU ones, so a seed gives the same samples on every device; the draws are then copied.
     """
-    noise = torch.empty(len(generators), vocab_size)
+    noise = torch.empty(len(generators), vocab_size, device="cpu")
     for row, gen in zip(noise, generators):
-        torch.rand(vocab_size, generator=gen, out=row)
-    return noise.log_().neg_()
+        torch.rand(vocab_size, generator=gen, out=row, device="cpu")
+    return noise.log_().neg_().to(device)
 
 
 def sample_next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
