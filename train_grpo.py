@@ -18,6 +18,7 @@ from grpo.config import option as _f
 from grpo.grpo_config import GRPOConfig
 from grpo.models import load_model_and_tokenizer, load_model
 from grpo.rollout_io import tokenize_prompts
+from grpo.run_dir import plan_run
 from grpo.trainer import train
 from ner.data import load_ner_dataset
 from ner.evaluation import make_eval_fn
@@ -75,6 +76,7 @@ def build_rollout_engine(cfg: NERGRPOConfig, policy: torch.nn.Module, tokenizer)
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(NERGRPOConfig, argv)
     info = init_distributed()
+    plan = plan_run(cfg, info)  # refuses a reused out_dir or a changed config before anything loads
     torch.manual_seed(cfg.seed)
 
     policy, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, info.device)
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
                            cfg.k_shot, cfg.prompt_seed, cfg.max_completion_len, cfg.data_dir,
                            stop=cfg.stop or None) if cfg.eval_limit > 0 else None
 
-    train(cfg, policy, tokenizer, prompts, reward_fns, info, engine, ref_model=ref_model, eval_fn=eval_fn)
+    train(cfg, policy, tokenizer, prompts, reward_fns, info, engine, ref_model=ref_model, eval_fn=eval_fn,
+          run_plan=plan)
     cleanup()
 
 
