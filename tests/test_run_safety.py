@@ -209,3 +209,37 @@ def test_scripts_refuse_a_reused_out_dir_before_loading_the_model(tmp_path, scri
         main(["--model", str(tmp_path / "no-such-model"), "--out_dir", str(out), "--data", str(tmp_path / "x.jsonl")]
              if script == "train_sft" else ["--model", str(tmp_path / "no-such-model"), "--out_dir", str(out),
                                             "--reward_weights", "f1=1"])
+
+
+# ----------------------------------------------------------------------------- SFT: the same rules in grpo.sft
+
+def _sft(out: Path, tokenizer, **overrides):
+    from test_sft import CPU, _pairs, _tiny_smol
+
+    from grpo.sft import SFTConfig, tokenize_pairs, train_sft
+
+    cfg = dict(data="unused", out_dir=str(out), max_steps=4, save_every=2, keep_last=3, batch_size=2, lr=1e-2,
+               warmup_ratio=0.0, lr_scheduler="cosine", max_len=64)
+    cfg.update(overrides)
+    rows, _ = tokenize_pairs(tokenizer, _pairs(), max_len=64)
+    return train_sft(SFTConfig(**cfg), _tiny_smol(), tokenizer, rows, CPU)
+
+
+def test_sft_refuses_reuse_skips_damage_refuses_config_change_and_logs_once(tmp_path, smollm2_tokenizer, capsys):
+    base = tmp_path / "base"
+    _sft(base, smollm2_tokenizer)
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        _sft(base, smollm2_tokenizer, max_steps=2)
+    with pytest.raises(ConfigError, match="lr: 0.01 -> 0.5"):
+        _sft(base, smollm2_tokenizer, resume="auto", lr=0.5)
+
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    bad = run / "checkpoint-0000004" / "model.safetensors"
+    bad.write_bytes(bad.read_bytes()[:100])
+    state = _sft(run, smollm2_tokenizer, resume="auto")
+    assert state["step"] == 4 and str(bad) in capsys.readouterr().err
+    redone = load_file(run / "checkpoint-0000004" / "model.safetensors")
+    for name, tensor in load_file(base / "checkpoint-0000004" / "model.safetensors").items():
+        torch.testing.assert_close(redone[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert tensorboard_steps(run / "tb", "sft/loss") == [1, 2, 3, 4]  # steps 3-4 of the first run are purged
