@@ -1,8 +1,9 @@
 """A folder's manifest: every file's size and SHA-256, written after the files, checked before they are trusted.
 
 Checkpoints use it (grpo.checkpoint): a file truncated or changed after the save is found before a resume loads
-it, and the message names the file. SHA-256 reads ~1.4 GB/s from the page cache on this CPU (hashlib uses the
-SHA extensions), so a 135M-parameter checkpoint with its AdamW state (~1.6 GB) costs about a second.
+it, and the message names the file. Cost, measured on the shared 2-core CPU: SmolLM2-135M with its AdamW state
+(1.6 GB) hashes in 2.9 s, at save and again at resume, against 10.8 s for the save itself. hashlib's SHA-256 reads
+~1.4 GB/s from the page cache here; zlib's CRC-32 (~2.3 GB/s) would save about a second at this size.
 """
 from __future__ import annotations
 
