@@ -243,3 +243,21 @@ def test_sft_refuses_reuse_skips_damage_refuses_config_change_and_logs_once(tmp_
     for name, tensor in load_file(base / "checkpoint-0000004" / "model.safetensors").items():
         torch.testing.assert_close(redone[name], tensor, rtol=0, atol=1e-6, msg=name)
     assert tensorboard_steps(run / "tb", "sft/loss") == [1, 2, 3, 4]  # steps 3-4 of the first run are purged
+
+
+def test_checkpoints_saved_before_manifests_still_resume_and_are_compared(run_copy):
+    """Older GRPO checkpoints: no MANIFEST.json, no config.yaml, the config as a YAML string in trainer_state.json."""
+    import yaml
+
+    for checkpoint in list_checkpoints(run_copy):
+        (checkpoint / "MANIFEST.json").unlink()
+        config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+        (checkpoint / "config.yaml").unlink()
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        state["config"] = yaml.safe_dump(config)
+        (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="lr: 0.01 -> 0.5"):
+        grpo(run_copy, *BASE, "--resume", "auto", "--lr", "0.5")
+    shutil.rmtree(run_copy / "checkpoint-0000006")
+    grpo(run_copy, *BASE, "--resume", "auto")
+    assert logged_steps(run_copy / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
