@@ -113,9 +113,9 @@ def _saved_config(checkpoint: Path, state: dict) -> dict | None:
     checkpoints before the manifest), else its config.yaml, else None."""
     saved = state.get("config")
     if isinstance(saved, str):
-        saved = yaml.safe_load(saved)
+        saved = _yaml_mapping(saved)
     if saved is None and (checkpoint / "config.yaml").is_file():
-        saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+        saved = _yaml_mapping((checkpoint / "config.yaml").read_text())
     return saved if isinstance(saved, dict) else None
 
 
@@ -133,11 +133,19 @@ def _check_config(plan: RunPlan, saved: dict | None, cfg: Any, what: str) -> Non
     plan.changes = changes
 
 
-def _refuse_existing_run(out_dir: Path, found: list[str], why: str = "") -> ConfigError:
+def _refuse_existing_run(out_dir: Path, found: list[str], why: str = "", detail: str = "") -> ConfigError:
     return ConfigError(
         f"out_dir {out_dir} already holds a training run ({_listing(found)}){why}. A new run there would mix its "
         f"checkpoints and logs with that run's. Continue it with --resume auto, start over with --overwrite (moves "
-        f"those files to {out_dir}.old-<time>/), or pick another --out_dir.")
+        f"those files to {out_dir}.old-<time>/), or pick another --out_dir." + (f"\n{detail}" if detail else ""))
+
+
+def _yaml_mapping(text: str) -> dict | None:
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    return loaded if isinstance(loaded, dict) else None
 
 
 def _plan_resume_auto(plan: RunPlan, cfg: Any, found: list[str]) -> None:
@@ -154,13 +162,14 @@ def _plan_resume_auto(plan: RunPlan, cfg: Any, found: list[str]) -> None:
     if not found:
         return
     config_file = plan.out_dir / "config.yaml"
-    saved = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
-    if not isinstance(saved, dict):
+    saved = _yaml_mapping(config_file.read_text()) if config_file.is_file() else None
+    if saved is None:
         raise _refuse_existing_run(plan.out_dir, found, " but no checkpoint to resume")
     changes = config_differences(saved, cfg)
     if changes and not getattr(cfg, "allow_config_change", False):
-        raise _refuse_existing_run(plan.out_dir, found, ", stopped before its first checkpoint, with another "
-                                   f"config:\n{_format_changes(changes)}\n")
+        raise _refuse_existing_run(plan.out_dir, found, ", stopped before its first checkpoint, with another config",
+                                   f"Its config.yaml differs (restart it with --allow_config_change):\n"
+                                   f"{_format_changes(changes)}")
     plan.restart, plan.changes = True, changes
 
 
