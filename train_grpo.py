@@ -19,6 +19,7 @@ from grpo.config import option as _f
 from grpo.grpo_config import GRPOConfig
 from grpo.models import load_model, load_model_and_tokenizer, parse_dtype
 from grpo.rollout_io import tokenize_prompts
+from grpo.run_dir import plan_run
 from grpo.trainer import train
 from ner.evaluation import make_eval_fn
 from ner.headroom import keep_disagreeing_prompts
@@ -82,6 +83,7 @@ def build_rollout_engine(cfg: NERGRPOConfig, policy: torch.nn.Module, tokenizer)
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(NERGRPOConfig, argv)
     info = init_distributed()
+    plan = plan_run(cfg, info)  # refuses a reused out_dir or a changed config before anything loads
     torch.manual_seed(cfg.seed)
 
     # fp32 master weights, compute in cfg.dtype (grpo.distributed.shard_trainable)
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
                            stop=cfg.stop or None, fewshot_data=eval_fewshot,
                            label_map=cfg.label_map) if cfg.eval_limit > 0 else None
 
-    train(cfg, policy, tokenizer, prompts, reward_fns, info, engine, ref_model=ref_model, eval_fn=eval_fn)
+    train(cfg, policy, tokenizer, prompts, reward_fns, info, engine, ref_model=ref_model, eval_fn=eval_fn,
+          run_plan=plan)
     cleanup()
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from grpo.config import parse_config, save_config
+from grpo.config import parse_config
 from grpo.distributed import barrier, cleanup, init_distributed, shard_trainable
 from grpo.config import option as _f
 from grpo.models import load_model_and_tokenizer, parse_dtype
+from grpo.run_dir import plan_run
 from grpo.sft import SFTConfig, tokenize_pairs, train_sft
 from ner.prompts import limit_empty_answers
 from ner.sft_data import read_cot_records, sft_pairs
@@ -66,6 +66,7 @@ def ensure_cot_data(cfg: NERSFTConfig) -> None:
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(NERSFTConfig, argv)
     info = init_distributed()
+    plan = plan_run(cfg, info)  # refuses a reused out_dir or a changed config before anything loads
     torch.manual_seed(cfg.seed)
     if cfg.dataset and info.rank == 0:
         ensure_cot_data(cfg)
@@ -79,9 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     if info.rank == 0:
         print(f"sft data: {len(records)} accepted CoT records from {cfg.data}; {dropped} longer than "
               f"max_len={cfg.max_len} dropped", file=sys.stderr)
-        save_config(cfg, Path(cfg.out_dir) / "config.yaml")
     model = shard_trainable(model, info, parse_dtype(cfg.dtype))
-    state = train_sft(cfg, model, tokenizer, rows, info)
+    state = train_sft(cfg, model, tokenizer, rows, info, run_plan=plan)
     cleanup()
     return state
 

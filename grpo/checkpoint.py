@@ -9,6 +9,7 @@ Layout of ``run_dir/checkpoint-{step:07d}/``::
     rng_state_rank{R}.pt   python / numpy / torch CPU / CUDA generator states of rank R
     trainer_state.json     {"step", "world_size", **trainer_state}; "config" when a config dataclass is passed
     config.yaml            the run config (when passed)
+    MANIFEST.json          {"files": {relative path: {"size", "sha256"}}} of every other file, written after them
     COMPLETE               written last; a folder without it is never trusted
 
 Design choice: weights and optimizer state are saved FULL (gathered from FSDP2 to rank 0) rather than per-rank
@@ -19,6 +20,12 @@ params). Only the RNG states are per rank. All ranks must share the file system 
 Atomicity: everything goes into ``run_dir/.tmp-checkpoint-{step}``; files are fsynced, ``COMPLETE`` is written, and
 only then is the folder renamed to its final name. Old checkpoints are renamed away before being deleted, so a
 crash at any moment leaves either a complete checkpoint or a ``.tmp-*`` folder that ``latest_checkpoint`` removes.
+
+Integrity: COMPLETE only says the save finished; a file damaged later (a truncated copy, a full disk during an rsync,
+bit rot) would still crash a resume with a raw error. ``verify_checkpoint`` compares every file with the manifest's
+size and SHA-256, and ``newest_valid_checkpoint`` (what ``--resume auto`` uses) skips damaged checkpoints, naming
+them (cost: grpo.manifest). Checkpoints saved before manifests existed are accepted unverified;
+``load_checkpoint`` then names the file it could not read.
 """
 from __future__ import annotations
 
@@ -38,9 +45,11 @@ from torch import nn
 
 from grpo.config import config_to_dict, config_to_yaml
 from grpo.distributed import DistInfo, barrier, broadcast_object, get_rank, get_world_size, is_main, is_sharded
+from grpo.manifest import MANIFEST, verify_manifest, write_manifest
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "GracefulExit",
-           "install_sigterm_handler"]
+           "install_sigterm_handler", "verify_checkpoint", "newest_valid_checkpoint", "CheckpointError",
+           "checkpoint_step"]
 
 COMPLETE = "COMPLETE"
 _NAME = re.compile(r"^checkpoint-(\d{7,})$")
@@ -108,6 +117,15 @@ def _write_torch(obj: Any, path: Path) -> None:
     _fsync_file(path)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, damaged or unreadable; the message names the file."""
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of a ``checkpoint-{step:07d}`` folder name, or None for any other name."""
+    return _checkpoint_step(Path(path))
+
+
 def _checkpoint_step(path: Path) -> int | None:
     match = _NAME.match(path.name)
     return int(match.group(1)) if match else None
@@ -137,12 +155,49 @@ def latest_checkpoint(run_dir: str | Path, clean_stale: bool = True) -> Path | N
     crash mid-save); call it before training starts, never while another process may be saving into ``run_dir``.
     """
     run_dir = Path(run_dir)
-    if clean_stale and is_main() and run_dir.is_dir():
+    if clean_stale and is_main():
+        remove_stale_temp_dirs(run_dir)
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def remove_stale_temp_dirs(run_dir: str | Path) -> None:
+    """Delete the ``.tmp-*`` folders a crash mid-save (or mid-delete) left; never while a save may be running."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
         for path in run_dir.iterdir():
             if path.name.startswith(_TMP_PREFIX) and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None if ``path`` is a complete checkpoint whose files match its manifest, else what is wrong (naming the file).
+
+    A checkpoint without a manifest (saved by an older version) passes if its trainer_state.json reads: there is
+    nothing else to check it against. Reads every file once (SHA-256: ~2 s per GB here, see grpo.manifest).
+    """
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        return f"{path}: not a complete checkpoint (no {COMPLETE} marker)"
+    problem = verify_manifest(path)
+    if problem is None:  # also catches a damaged trainer_state.json in a checkpoint without a manifest
+        try:
+            int(_read_json(path / "trainer_state.json")["step"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problem = f"{path / 'trainer_state.json'}: unreadable ({type(e).__name__}: {e})"
+    return problem
+
+
+def newest_valid_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(The newest complete checkpoint of ``run_dir`` that passes ``verify_checkpoint``, the newer ones that failed
+    with what is wrong with each). Reads only as far back as the first valid one."""
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
 
 
 def _write_rank0_files(tmp: Path, model: nn.Module, weights: dict, tokenizer, optim_state: dict | None,
@@ -170,8 +225,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, tokenizer,
     Collective: every rank must call it (FSDP2 gathers are collective; each rank writes its RNG file).
     ``trainer_state`` must be JSON-serialisable (step is added). ``config``: the run's config dataclass, stored
     as ``config.yaml`` and under ``"config"`` in trainer_state.json. ``keep_last``: how many complete checkpoints
-    to keep (older ones are deleted after the new one is complete); None keeps all. A checkpoint of the same step
-    that already exists is replaced.
+    to keep (older steps are deleted after the new one is complete; checkpoints of higher steps are never touched);
+    None keeps all. A checkpoint of the same step that already exists is replaced.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -210,6 +265,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, tokenizer,
         raise RuntimeError(f"rank 0 failed to write {final.name}; see its error")
     barrier()  # every rank's files are on disk
     if rank == 0:
+        write_manifest(tmp, skip=(COMPLETE,))
         (tmp / COMPLETE).write_text(f"{step}\n")
         _fsync_file(tmp / COMPLETE)
         _fsync_dir(tmp)
@@ -217,22 +273,40 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, tokenizer,
             _remove_dir(final)
         os.rename(tmp, final)
         _fsync_dir(run_dir)
-        if keep_last is not None:
-            for old in list_checkpoints(run_dir)[:-keep_last]:
+        if keep_last is not None:  # only older steps rotate: a higher step is never this run's to delete
+            older = [p for p in list_checkpoints(run_dir) if _checkpoint_step(p) < step]
+            for old in older[:max(len(older) - (keep_last - 1), 0)]:
                 _remove_dir(old)
     barrier()
     return final
+
+
+def _read(file: Path, reader) -> Any:
+    """``reader(file)``, with any failure turned into one error that names the file."""
+    try:
+        return reader(file)
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot be read ({type(e).__name__}: {e}); this checkpoint is damaged -- "
+                              f"resume from an older one (--resume <its folder>)") from e
+
+
+def _read_json(file: Path) -> Any:
+    return json.loads(file.read_text())
+
+
+def _torch_load(file: Path) -> Any:
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+    files = sorted(set(_read(index, _read_json)["weight_map"].values())) if index.is_file() \
         else ["model.safetensors"]
     weights: dict[str, torch.Tensor] = {}
     for name in files:
-        weights.update(load_file(path / name))
+        weights.update(_read(path / name, load_file))
     return weights
 
 
@@ -240,7 +314,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
                     scheduler=None, info: DistInfo | None = None) -> dict:
     """Restore weights (into a plain or FSDP2-sharded model), optimizer, scheduler and this rank's RNG states.
 
-    Collective when the model is sharded. Returns the trainer_state dict saved with the checkpoint. Resuming on a
+    Collective when the model is sharded. Returns the trainer_state dict saved with the checkpoint. A file that
+    cannot be read raises ``CheckpointError`` naming it (``verify_checkpoint`` first finds most damage). Resuming on a
     different world size works for weights/optimizer/scheduler; the RNG streams then cannot be continued exactly
     (a warning is issued when this rank has no saved RNG state, and its generators are left as they are).
     """
@@ -260,18 +335,17 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     set_model_state_dict(model, weights, options=options)
     del weights
     if optimizer is not None:
-        optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) \
-            if reads_files else {}
+        optim_state = _read(path / "optimizer.pt", _torch_load) if reads_files else {}
         set_optimizer_state_dict(model, optimizer, optim_state, options=options)
         del optim_state
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        scheduler.load_state_dict(_read(path / "scheduler.pt", _torch_load))
     rng_file = path / f"rng_state_rank{rank}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        _set_rng_state(_read(rng_file, _torch_load))
     else:
         warnings.warn(f"{rng_file.name} missing (checkpoint saved on fewer ranks); RNG state not restored")
-    return json.loads((path / "trainer_state.json").read_text())
+    return _read(path / "trainer_state.json", _read_json)
 
 
 class GracefulExit:

@@ -77,9 +77,14 @@ class GRPOConfig:
     sample_log_count: int = _f(4, "completions per step written to samples.jsonl (0 = none)")
     eval_every: int = _f(0, "evaluate on the dev subset every N steps (0 = only at start and end if eval_limit)")
     eval_limit: int = _f(0, "dev examples per evaluation; 0 = no evaluation during training")
-    save_every: int = _f(10, "checkpoint every N steps (and always at the end)")
-    keep_last: int = _f(2, "checkpoints kept")
-    resume: str = _f("none", "none | auto (newest complete checkpoint in out_dir) | a checkpoint path")
+    save_every: int = _f(10, "checkpoint every N steps (0 = only at the end; always at the end)")
+    keep_last: int = _f(2, "checkpoints kept (≥ 1): older steps are deleted as new ones are saved")
+    resume: str = _f("none", "none (a new run: out_dir must hold no run) | auto (newest valid checkpoint in out_dir; "
+                             "damaged ones are skipped) | a checkpoint path")
+    overwrite: bool = _f(False, "a new run in an out_dir that holds a run: move that run's files to "
+                                "<out_dir>.old-<time>/ first (nothing is deleted)")
+    allow_config_change: bool = _f(False, "resume even if the config differs from the checkpoint's (the changes "
+                                          "are used and listed in out_dir/config_changes.jsonl)")
 
     def validate(self, world_size: int = 1) -> None:
         """Fail at start, naming the fields to change, rather than deep inside the loop."""
@@ -121,6 +126,10 @@ class GRPOConfig:
         need(self.rollout_correction_threshold > 1, "rollout_correction_threshold must be > 1")
         need(bool(self.reward_weights), "reward_weights is empty: name at least one reward")
         need(self.resume in ("none", "auto") or bool(self.resume), "resume: none | auto | a checkpoint path")
+        need(self.save_every >= 0, f"save_every={self.save_every} must be ≥ 0 (0 = only at the end)")
+        need(self.keep_last >= 1, f"keep_last={self.keep_last} must be ≥ 1 (the final checkpoint is kept)")
+        need(not (self.overwrite and self.resume != "none"),
+             f"overwrite starts a new run; it cannot be combined with resume={self.resume!r}")
         if problems:
             raise ConfigError("invalid GRPO config:\n  - " + "\n  - ".join(problems))
 

@@ -87,3 +87,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
         return lr_multiplier(step, total_steps, warmup_steps, kind, min_lr_ratio)
 
     return LambdaLR(optimizer, multiplier)
+
+
+def set_optimizer_hparams(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, lr: float,
+                          betas: tuple[float, float], weight_decay: float) -> None:
+    """Put this run's lr, betas and weight decay into an optimizer and scheduler just restored from a checkpoint.
+
+    Loading a checkpoint restores the SAVED values (in the optimizer's param groups and the scheduler's base lrs),
+    so a resume that was allowed to change them (--allow_config_change) must set them again. The current lr is the
+    new peak times the schedule's factor at the restored position (the schedule itself is this run's).
+    Groups keep their kind: the ``no_decay`` group of :func:`param_groups` stays at weight decay 0.
+    """
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+        group["betas"] = tuple(betas)
+        if group.get("name") != "no_decay":
+            group["weight_decay"] = weight_decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -41,7 +41,9 @@ _CONSOLE = [("reward/mean", "reward", "{:.3f}"), ("reward/std", "±", "{:.3f}"),
 class RunLogger:
     """TensorBoard + console + samples.jsonl, on the main rank only (other ranks get a silent logger)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total: int, initial: int = 0):
+    def __init__(self, run_dir: Path, enabled: bool, total: int, initial: int = 0, purge_step: int | None = None):
+        """``purge_step``: TensorBoard hides the events an earlier writer logged at this step or later (a resumed
+        run re-logs them); the JSONL files are trimmed before (grpo.run_dir.start_run)."""
         self.enabled = enabled
         self.writer = self.bar = self.samples = None
         if not enabled:
@@ -50,7 +52,7 @@ class RunLogger:
         from tqdm import tqdm
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(run_dir / "tb"))
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
         self.samples = open(run_dir / "samples.jsonl", "a", encoding="utf-8")
         self.metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.bar = tqdm(total=total, initial=initial, desc="grpo", unit="step", file=sys.stderr, dynamic_ncols=True)

@@ -56,9 +56,14 @@ class SFTConfig:
     share_prompt_prefix: bool = _f(True, "run the prompt prefix that every row of a micro-batch shares (instructions, "
                                          "type descriptions) once and reuse its K/V; unpacked rows only")
     log_every: int = _f(1, "console/TensorBoard every N steps")
-    save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
-    keep_last: int = _f(2, "checkpoints kept")
-    resume: str = _f("none", "none | auto (newest complete checkpoint in out_dir) | a checkpoint path")
+    save_every: int = _f(0, "checkpoint every N steps (0 = only at the end; always at the end)")
+    keep_last: int = _f(2, "checkpoints kept (≥ 1): older steps are deleted as new ones are saved")
+    resume: str = _f("none", "none (a new run: out_dir must hold no run) | auto (newest valid checkpoint in out_dir; "
+                             "damaged ones are skipped) | a checkpoint path")
+    overwrite: bool = _f(False, "a new run in an out_dir that holds a run: move that run's files to "
+                                "<out_dir>.old-<time>/ first (nothing is deleted)")
+    allow_config_change: bool = _f(False, "resume even if the config differs from the checkpoint's (the changes "
+                                          "are used and listed in out_dir/config_changes.jsonl)")
 
     def validate(self, world_size: int = 1) -> None:
         problems: list[str] = []
@@ -77,6 +82,8 @@ class SFTConfig:
             problems.append("data is empty: name the training file")
         if not self.resume:
             problems.append("resume: none | auto | a checkpoint path")
+        if self.overwrite and self.resume != "none":
+            problems.append(f"overwrite starts a new run; it cannot be combined with resume={self.resume!r}")
         if problems:
             raise ConfigError("invalid SFT config:\n  - " + "\n  - ".join(problems))
 
@@ -310,16 +317,19 @@ def _train_step(model, optimizer, scheduler, data: Sequence[Row], step: int, cfg
             "skipped_nonfinite": float(not finite)}
 
 
-def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[Row], info) -> dict:
+def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[Row], info, run_plan=None) -> dict:
     """Run SFT on already tokenised single-example ``rows``; returns the final trainer state.
 
     ``info`` is the ``grpo.distributed.DistInfo`` of this process; the model must already be on ``info.device``
-    (and sharded with ``shard_model`` when distributed). Checkpoints and TensorBoard events go to ``cfg.out_dir``.
+    (and sharded with ``shard_model`` when distributed). Checkpoints, config.yaml and TensorBoard events go to
+    ``cfg.out_dir``. ``run_plan``: ``grpo.run_dir.plan_run(cfg, info)`` if the caller made it before loading models.
     """
-    from grpo.checkpoint import GracefulExit, latest_checkpoint, load_checkpoint, save_checkpoint
-    from grpo.optim import build_optimizer, build_scheduler
+    from grpo.checkpoint import GracefulExit, load_checkpoint, save_checkpoint
+    from grpo.optim import build_optimizer, build_scheduler, set_optimizer_hparams
+    from grpo.run_dir import plan_run, start_run
 
     cfg.validate(info.world_size)
+    plan = run_plan if run_plan is not None else plan_run(cfg, info)
     if not rows:
         raise ValueError("no training rows: every example was dropped or the data is empty")
     data = pack_rows(rows, cfg.max_len) if cfg.packing else list(rows)
@@ -333,10 +343,13 @@ def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[
     scheduler = build_scheduler(optimizer, n_steps, cfg.warmup_ratio, cfg.lr_scheduler)
 
     run_dir = Path(cfg.out_dir)
+    start_run(plan, cfg, info)
     step = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else (None if cfg.resume == "none" else Path(cfg.resume))
+    ckpt = plan.checkpoint
     if ckpt is not None:
         step = int(load_checkpoint(ckpt, model, optimizer, scheduler, info)["step"])
+        if plan.changes:  # allowed by --allow_config_change: train with the new values, not the restored ones
+            set_optimizer_hparams(optimizer, scheduler, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
 
     writer = bar = None
     if info.rank == 0:
@@ -344,7 +357,7 @@ def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[
         from tqdm import tqdm
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(run_dir / "tb"))
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=plan.tb_purge_step)
         bar = tqdm(total=n_steps, initial=step, desc="sft", unit="step", dynamic_ncols=True)
         bar.write(f"sft: {len(rows)} examples in {len(data)} rows, {n_steps} steps"
                   + (f", resuming at step {step} from {ckpt}" if ckpt else ""))

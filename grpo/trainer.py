@@ -33,12 +33,12 @@ import torch.distributed as dist
 
 from grpo import algos
 from grpo.batch import RolloutBatch, collate_rollouts, completion_logprobs
-from grpo.checkpoint import install_sigterm_handler, latest_checkpoint, load_checkpoint, save_checkpoint
-from grpo.config import config_to_yaml
+from grpo.checkpoint import install_sigterm_handler, load_checkpoint, save_checkpoint
 from grpo.distributed import DistInfo, all_reduce_sum, clip_grad_norm
 from grpo.grpo_config import GRPOConfig
-from grpo.optim import build_optimizer, build_scheduler
+from grpo.optim import build_optimizer, build_scheduler, set_optimizer_hparams
 from grpo.rollout_io import RunLogger, tokenize_prompts
+from grpo.run_dir import RunPlan, plan_run, start_run
 
 RewardFn = Callable[[list[str], list[dict]], list[float]]
 
@@ -208,11 +208,15 @@ def policy_update(policy, optimizer, scheduler, batch: RolloutBatch, advantages:
 
 def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dict],
           reward_fns: list[tuple[str, float, RewardFn]], info: DistInfo, engine, ref_model=None,
-          eval_fn: Callable[[int], dict[str, float]] | None = None) -> list[dict]:
-    """Run ``cfg.total_steps`` GRPO steps; returns the per-step metrics (also logged). See the module docstring."""
+          eval_fn: Callable[[int], dict[str, float]] | None = None, run_plan: RunPlan | None = None) -> list[dict]:
+    """Run ``cfg.total_steps`` GRPO steps; returns the per-step metrics (also logged). See the module docstring.
+
+    ``run_plan``: ``grpo.run_dir.plan_run(cfg, info)`` if the caller already made it (before loading models).
+    """
     cfg.validate(info.world_size)
     if cfg.beta > 0 and ref_model is None:
         raise ValueError("beta > 0 needs a reference model (pass ref_model); beta = 0 never builds one")
+    plan = run_plan if run_plan is not None else plan_run(cfg, info)
     run_dir = Path(cfg.out_dir)
     prompt_ids, prompts, n_dropped = tokenize_prompts(tokenizer, prompts, cfg.max_prompt_len)
     if not prompts:
@@ -221,15 +225,17 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
     optimizer = build_optimizer(policy, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     scheduler = build_scheduler(optimizer, total_updates, cfg.warmup_ratio, cfg.lr_scheduler)
 
+    start_run(plan, cfg, info)
     start_step = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else (None if cfg.resume == "none" else Path(cfg.resume))
+    ckpt = plan.checkpoint
     if ckpt is not None:
         start_step = int(load_checkpoint(ckpt, policy, optimizer, scheduler, info)["step"])
+        if plan.changes:  # allowed by --allow_config_change: train with the new values, not the restored ones
+            set_optimizer_hparams(optimizer, scheduler, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
         engine.update_weights(policy)
-    logger = RunLogger(run_dir, info.rank == 0, total=cfg.total_steps, initial=start_step)
+    logger = RunLogger(run_dir, info.rank == 0, total=cfg.total_steps, initial=start_step,
+                       purge_step=plan.tb_purge_step)
     if info.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
         logger.note(f"{len(prompts)} prompts ({n_dropped} dropped: longer than {cfg.max_prompt_len} tokens); "
                     f"resuming at step {start_step}" if ckpt else f"{len(prompts)} prompts, {n_dropped} dropped")
     stop_requested = install_sigterm_handler()
@@ -325,9 +331,9 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
         if eval_fn is not None and cfg.eval_limit > 0 and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             logger.scalars(step + 1, {f"eval/{k}": v for k, v in eval_fn(step + 1).items()})
         stopping = stop_requested()  # polled once: a signal between two polls would exit without saving
-        if done or (step + 1) % cfg.save_every == 0 or stopping:
-            save_checkpoint(run_dir, step + 1, policy, tokenizer, optimizer, scheduler,
-                            {"step": step + 1, "config": config_to_yaml(cfg)}, cfg.keep_last, info)
+        if done or (cfg.save_every and (step + 1) % cfg.save_every == 0) or stopping:
+            save_checkpoint(run_dir, step + 1, policy, tokenizer, optimizer, scheduler, {}, cfg.keep_last, info,
+                            config=cfg)
         if stopping:
             logger.note(f"SIGTERM: saved step {step + 1} and stopped")
             break

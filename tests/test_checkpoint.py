@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from grpo.checkpoint import (COMPLETE, GracefulExit, install_sigterm_handler, latest_checkpoint, list_checkpoints,
-                             load_checkpoint, save_checkpoint)
+from grpo.checkpoint import (COMPLETE, CheckpointError, GracefulExit, install_sigterm_handler, latest_checkpoint,
+                             list_checkpoints, load_checkpoint, newest_valid_checkpoint, save_checkpoint,
+                             verify_checkpoint)
 from grpo.config import parse_config
 from grpo.distributed import clip_grad_norm
 from grpo.models import tiny_llama
@@ -120,6 +121,45 @@ def test_keep_last_and_resave_same_step(tmp_path):
     assert len(list_checkpoints(tmp_path)) == 3
     with pytest.raises(ValueError, match="keep_last"):
         save_checkpoint(tmp_path, 6, model, None, optimizer, scheduler, {}, keep_last=0)
+
+
+def test_rotation_never_deletes_a_higher_step(tmp_path):
+    """Checkpoints of higher steps (another run's, or a damaged one set aside) are not this save's to rotate."""
+    model, optimizer, scheduler = make_run()
+    for step in (10, 20, 1, 2):  # by hand: {10} → {20} → {1, 20} → {2, 20}
+        save_checkpoint(tmp_path, step, model, None, optimizer, scheduler, {}, keep_last=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-0000002", "checkpoint-0000020"]
+
+
+def test_manifest_records_every_file_and_finds_damage(tmp_path):
+    import hashlib
+
+    model, optimizer, scheduler = make_run()
+    path = save_checkpoint(tmp_path, 1, model, None, optimizer, scheduler, {})
+    manifest = json.loads((path / "MANIFEST.json").read_text())["files"]
+    on_disk = sorted(p.name for p in path.iterdir() if p.name not in ("MANIFEST.json", COMPLETE))
+    assert sorted(manifest) == on_disk and "optimizer.pt" in on_disk
+    for name, entry in manifest.items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+    assert verify_checkpoint(path) is None and newest_valid_checkpoint(tmp_path) == (path, [])
+
+    older = save_checkpoint(tmp_path, 0, model, None, optimizer, scheduler, {})
+    (path / "scheduler.pt").unlink()
+    assert "scheduler.pt: missing" in verify_checkpoint(path)
+    assert newest_valid_checkpoint(tmp_path) == (older, [(path, verify_checkpoint(path))])
+
+
+def test_checkpoint_without_manifest_is_accepted_and_a_bad_file_is_named_at_load(tmp_path):
+    model, optimizer, scheduler = make_run()
+    path = save_checkpoint(tmp_path, 1, model, None, optimizer, scheduler, {})
+    (path / "MANIFEST.json").unlink()  # as saved before manifests existed
+    assert verify_checkpoint(path) is None
+    (path / "optimizer.pt").write_bytes((path / "optimizer.pt").read_bytes()[:50])
+    with pytest.raises(CheckpointError, match=f"{path / 'optimizer.pt'}: cannot be read"):
+        load_checkpoint(path, *make_run())
+    (path / "trainer_state.json").write_text('{"step": ')
+    assert "trainer_state.json: unreadable" in verify_checkpoint(path)
 
 
 def test_incomplete_and_temp_folders_are_never_returned(tmp_path):
