@@ -14,11 +14,14 @@ from pathlib import Path
 
 import torch
 
-from grpo.config import parse_config, save_config
-from grpo.distributed import barrier, cleanup, init_distributed, shard_model
+from grpo.cli import run_cli
+from grpo.config import ConfigError, check_paths, parse_config, save_config
 from grpo.config import option as _f
-from grpo.models import load_model_and_tokenizer
+from grpo.distributed import barrier, cleanup, init_distributed, shard_model
+from grpo.errors import UserError
+from grpo.models import check_model_spec, load_model_and_tokenizer
 from grpo.sft import SFTConfig, tokenize_pairs, train_sft
+from ner.config_checks import dataset_problems, format_problems
 from ner.prompts import limit_empty_answers
 from ner.sft_data import read_cot_records, sft_pairs
 
@@ -42,15 +45,32 @@ class NERSFTConfig(SFTConfig):
                                       "negative = keep all")
 
     def validate(self, world_size: int = 1) -> None:
-        from grpo.config import ConfigError
         from ner.cot import MODES
-        from ner.prompts import FORMATS
 
-        if self.format not in FORMATS:
-            raise ConfigError(f"format={self.format!r}: expected one of {FORMATS}")
-        if self.cot_mode not in MODES:
-            raise ConfigError(f"cot_mode={self.cot_mode!r}: expected one of {MODES}")
         super().validate(world_size)
+        problems = format_problems(self.format)
+        if self.cot_mode not in MODES:
+            problems.append(f"cot_mode={self.cot_mode!r}: expected one of {', '.join(MODES)}")
+        for name in ("limit", "k_shot"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)} must be ≥ 0")
+        if problems:
+            raise ConfigError("invalid SFT config: " + "; ".join(problems))
+
+    def path_problems(self) -> list[str]:
+        problems = super().path_problems()
+        if self.dataset:
+            problems += dataset_problems("dataset", self.dataset, self.split, self.data_dir)
+            if self.k_shot > 0:
+                problems += dataset_problems("dataset", self.dataset, "train", self.data_dir)
+        elif not Path(self.data).is_file():
+            problems.append(f"data={self.data}: no such file (set dataset to generate it)")
+        if self.teacher != "template" and not self.teacher.startswith(("http://", "https://")):
+            try:
+                check_model_spec(self.teacher, "teacher")
+            except UserError as exc:
+                problems.append(str(exc))
+        return problems
 
 
 def ensure_cot_data(cfg: NERSFTConfig) -> None:
@@ -65,6 +85,7 @@ def ensure_cot_data(cfg: NERSFTConfig) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(NERSFTConfig, argv)
+    check_paths(cfg)
     info = init_distributed()
     torch.manual_seed(cfg.seed)
     if cfg.dataset and info.rank == 0:
@@ -85,4 +106,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from grpo.config import ConfigError
 from grpo.config import option as _f
+from grpo.grpo_config import dtype_problems, run_path_problems
 
 IGNORE = -100
 
@@ -55,7 +56,7 @@ class SFTConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory, costs ~30% time)")
     share_prompt_prefix: bool = _f(True, "run the prompt prefix that every row of a micro-batch shares (instructions, "
                                          "type descriptions) once and reuse its K/V; unpacked rows only")
-    log_every: int = _f(1, "console/TensorBoard every N steps")
+    log_every: int = _f(1, "TensorBoard and metrics.jsonl every N steps (and at the last)")
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     keep_last: int = _f(2, "checkpoints kept")
     resume: str = _f("none", "none | auto (newest complete checkpoint in out_dir) | a checkpoint path")
@@ -77,8 +78,15 @@ class SFTConfig:
             problems.append("data is empty: name the training file")
         if not self.resume:
             problems.append("resume: none | auto | a checkpoint path")
+        if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.weight_decay >= 0):
+            problems.append("lr must be > 0, beta1 and beta2 in [0, 1), weight_decay ≥ 0")
+        problems += dtype_problems(self.dtype)
         if problems:
-            raise ConfigError("invalid SFT config:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("invalid SFT config: " + "; ".join(problems))
+
+    def path_problems(self) -> list[str]:
+        """Files and folders this config names that do not exist (``grpo.config.check_paths`` raises them)."""
+        return run_path_problems(self)
 
 
 # ----------------------------------------------------------------------------- examples, rows, batches
@@ -338,39 +346,26 @@ def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[
     if ckpt is not None:
         step = int(load_checkpoint(ckpt, model, optimizer, scheduler, info)["step"])
 
-    writer = bar = None
-    if info.rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
+    from grpo.rollout_io import RunLogger
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(run_dir / "tb"))
-        bar = tqdm(total=n_steps, initial=step, desc="sft", unit="step", dynamic_ncols=True)
-        bar.write(f"sft: {len(rows)} examples in {len(data)} rows, {n_steps} steps"
-                  + (f", resuming at step {step} from {ckpt}" if ckpt else ""))
+    logger = RunLogger(run_dir, info.rank == 0, total=n_steps, initial=step, desc="sft", samples=False)
+    logger.note(f"sft: {len(rows)} examples in {len(data)} rows, {n_steps} steps"
+                + (f", resuming at step {step} from {ckpt}" if ckpt else ""))
 
     state: dict = {"step": step}
     with GracefulExit() as stop:
         while step < n_steps:
             state = _train_step(model, optimizer, scheduler, data, step, cfg, info, pad_id)
             step = state["step"]
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{state['loss']:.4f}", gnorm=f"{state['grad_norm']:.3g}")
-                if step % cfg.log_every == 0 or step == n_steps:
-                    for k, v in state.items():
-                        if k != "step":
-                            writer.add_scalar(f"sft/{k}", v, step)
-                    writer.flush()
+            logger.advance(loss=f"{state['loss']:.4f}", gnorm=f"{state['grad_norm']:.3g}")
+            if step % cfg.log_every == 0 or step == n_steps:
+                logger.record(step, {f"sft/{k}": v for k, v in state.items() if k != "step"})
             stopping = stop.should_stop()
             if step == n_steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
                 save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, state, cfg.keep_last, info,
                                 config=cfg)
             if stopping:
-                if bar is not None:
-                    bar.write(f"SIGTERM: saved step {step} and stopped")
+                logger.note(f"SIGTERM: saved step {step} and stopped")
                 break
-    if bar is not None:
-        bar.close()
-        writer.close()
+    logger.close()
     return state

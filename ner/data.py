@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+from grpo.errors import UserError
 from ner.descriptions import CONLL_FALLBACK, CONLL_TYPES, CROSSNER_TYPES, describe
 from ner.types import Entity, NERDataset, Sentence
 
@@ -28,7 +29,7 @@ HUB_IDS = {"conll2003": ("eriktks/conll2003", None), **{f"crossner_{d}": ("DFKI-
 SPLITS = {"train": "train", "dev": "dev", "validation": "dev", "valid": "dev", "test": "test"}
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError):  # a ValueError; the scripts print it as one line (grpo.cli)
     """Malformed NER data. ``str(err)`` is ``"<file>, line <n>: <problem>"`` (no line when none applies)."""
 
     def __init__(self, path: str | os.PathLike, line: int | None, problem: str):
