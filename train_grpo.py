@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from grpo.cli import run_cli
-from grpo.config import ConfigError, check_paths, parse_config
+from grpo.config import check_paths, parse_config
 from grpo.config import dict_option as _dict
 from grpo.config import option as _f
 from grpo.distributed import cleanup, init_distributed, shard_model
@@ -54,14 +54,13 @@ class NERGRPOConfig(GRPOConfig):
     # it scores both formats, and unlike the blog's it does not pay for answering nothing (README).
     reward_weights: dict[str, float] = _dict(PRESETS["reasoningner"], reward_weights_help(), presets=PRESETS)
 
-    def validate(self, world_size: int = 1) -> None:
-        super().validate(world_size)
-        problems = format_problems(self.format) + reward_problems(self.reward_weights)
+    def config_problems(self, world_size: int = 1) -> list[str]:
+        problems = super().config_problems(world_size)  # it also rejects empty reward_weights
+        problems += format_problems(self.format) + reward_problems(self.reward_weights)
         for name in ("offset", "limit", "k_shot"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be ≥ 0")
-        if problems:
-            raise ConfigError("invalid GRPO config: " + "; ".join(problems))
+        return problems
 
     def path_problems(self) -> list[str]:
         problems = super().path_problems() + dataset_problems("dataset", self.dataset, self.split, self.data_dir)

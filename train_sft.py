@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from grpo.cli import run_cli
-from grpo.config import ConfigError, check_paths, parse_config, save_config
+from grpo.config import check_paths, parse_config, save_config
 from grpo.config import option as _f
 from grpo.distributed import barrier, cleanup, init_distributed, shard_model
 from grpo.errors import UserError
@@ -44,18 +44,16 @@ class NERSFTConfig(SFTConfig):
                                       "(tagged CoNLL is ~2/3 empty; a small model then answers none to all); "
                                       "negative = keep all")
 
-    def validate(self, world_size: int = 1) -> None:
+    def config_problems(self, world_size: int = 1) -> list[str]:
         from ner.cot import MODES
 
-        super().validate(world_size)
-        problems = format_problems(self.format)
+        problems = super().config_problems(world_size) + format_problems(self.format)
         if self.cot_mode not in MODES:
             problems.append(f"cot_mode={self.cot_mode!r}: expected one of {', '.join(MODES)}")
         for name in ("limit", "k_shot"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be ≥ 0")
-        if problems:
-            raise ConfigError("invalid SFT config: " + "; ".join(problems))
+        return problems
 
     def path_problems(self) -> list[str]:
         problems = super().path_problems()

@@ -109,6 +109,12 @@ class GRPOConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Fail at start, naming the fields to change, rather than deep inside the loop."""
+        problems = self.config_problems(world_size)
+        if problems:
+            raise ConfigError("invalid GRPO config: " + "; ".join(problems))
+
+    def config_problems(self, world_size: int = 1) -> list[str]:
+        """Every wrong value or combination, as "field=value: what is expected" (a task subclass adds its own)."""
         problems: list[str] = []
 
         def need(ok: bool, msg: str) -> None:
@@ -158,8 +164,7 @@ class GRPOConfig:
         for name in ("sample_log_count", "eval_every", "eval_limit"):
             need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be ≥ 0")
         need(self.log_every >= 1, f"log_every={self.log_every} must be ≥ 1")
-        if problems:
-            raise ConfigError("invalid GRPO config: " + "; ".join(problems))
+        return problems
 
     def path_problems(self) -> list[str]:
         """Files and folders this config names that do not exist (``grpo.config.check_paths`` raises them)."""

@@ -154,10 +154,11 @@ def resolve_model_path(spec: str) -> str:
     A run folder of this project (``runs/sft_x`` holding ``checkpoint-*`` folders) resolves to its newest complete
     checkpoint, so one stage's ``out_dir`` can be the next stage's ``model``.
     """
-    check_model_spec(spec)
     if spec == EMBEDDED_DEFAULT:
         return str(embedded_model_dir())
     path = Path(spec)
+    if not path.exists():  # transformers would call a missing folder a malformed or unreachable hub id
+        check_model_spec(spec)
     if path.is_dir() and not (path / "config.json").is_file():
         from grpo.checkpoint import latest_checkpoint
 

@@ -62,6 +62,12 @@ class SFTConfig:
     resume: str = _f("none", "none | auto (newest complete checkpoint in out_dir) | a checkpoint path")
 
     def validate(self, world_size: int = 1) -> None:
+        problems = self.config_problems(world_size)
+        if problems:
+            raise ConfigError("invalid SFT config: " + "; ".join(problems))
+
+    def config_problems(self, world_size: int = 1) -> list[str]:
+        """Every wrong value or combination (a task subclass adds its own)."""
         problems: list[str] = []
         for name in ("batch_size", "grad_accum", "max_len", "log_every", "keep_last"):
             if getattr(self, name) < 1:
@@ -81,8 +87,7 @@ class SFTConfig:
         if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.weight_decay >= 0):
             problems.append("lr must be > 0, beta1 and beta2 in [0, 1), weight_decay ≥ 0")
         problems += dtype_problems(self.dtype)
-        if problems:
-            raise ConfigError("invalid SFT config: " + "; ".join(problems))
+        return problems
 
     def path_problems(self) -> list[str]:
         """Files and folders this config names that do not exist (``grpo.config.check_paths`` raises them)."""

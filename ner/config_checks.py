@@ -36,7 +36,7 @@ def reward_problems(weights: dict[str, float]) -> list[str]:
     if unknown:
         return [f"reward_weights: unknown reward(s) {', '.join(unknown)}; known: {', '.join(REWARDS)} "
                 f"(or a preset: {', '.join(PRESETS)})"]
-    return [] if weights else ["reward_weights is empty: name at least one reward"]
+    return []
 
 
 def reward_weights_help() -> str:
