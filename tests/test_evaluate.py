@@ -74,9 +74,13 @@ def test_json_answer_unparseable_counts_gold_as_missed():
         ({"person": ["John"], "location": ["Paris"]}, True), (None, False)]
 
 
-def test_cli_writes_reports_with_one_row_per_dataset_and_the_average(tmp_path):
+def test_cli_writes_reports_with_one_row_per_dataset_and_the_average(tmp_path, capsys):
+    from ner.data import load_ner_dataset
+
     results = evaluate.main(["--dataset", "conll2003,crossner_politics", "--limit", "1", "--k_shot", "0",
                              "--max_new_tokens", "8", "--out_dir", str(tmp_path), "--samples", "2"])
+    n_test = len(load_ner_dataset("conll2003", "test").sentences)
+    assert f"scored 1 of {n_test} test sentences (the first 1: --limit; 0 = all)" in capsys.readouterr().out
     saved = json.loads((tmp_path / "report.json").read_text())["results"]
     assert set(saved) == {"conll2003", "crossner_politics", "average"}
     f1s = [saved[d]["report"]["f1"] for d in ("conll2003", "crossner_politics")]
@@ -99,3 +103,14 @@ def test_protocol_option_accepts_a_protocol_or_all_and_rejects_others():
     assert parse_config(evaluate.EvalConfig, ["--protocol", "blog"]).protocol == "blog"
     with pytest.raises(ConfigError, match="--protocol: unknown protocol 'loose'"):
         parse_config(evaluate.EvalConfig, ["--protocol", "loose"])
+
+
+def test_default_scores_every_sentence_and_the_output_says_how_many(tmp_path, capsys):
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps({"tokens": tokens, "entities": []}) + "\n"
+                            for tokens in (["Rain", "fell"], ["John", "ran"], ["It", "is"])))
+    base = ["--dataset", str(data), "--format", "json", "--k_shot", "0", "--max_new_tokens", "4"]
+    evaluate.main(base + ["--out_dir", str(tmp_path)])  # no --limit
+    assert "scored 3 of 3 test sentences\n" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "report.json").read_text())["results"][str(data)]
+    assert (saved["sentences_scored"], saved["sentences_total"], len(saved["sentences"])) == (3, 3, 3)
