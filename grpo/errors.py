@@ -21,8 +21,16 @@ class UserError(ValueError):
     """The input is wrong, not the code: the message says what to change. The CLI prints it without a traceback."""
 
 
-class DiskFullError(UserError):
-    """A write failed because its file system (or the user's quota) has no space left."""
+class DiskFullError(UserError, OSError):
+    """A write failed because its file system (or the user's quota) has no space left. Still an ``OSError``
+    (errno ENOSPC), so code that handles failed writes keeps handling it."""
+
+    def __init__(self, message: str, filename: str | None = None):
+        super().__init__(message)
+        self.errno, self.strerror, self.filename = errno.ENOSPC, message, filename
+
+    def __str__(self) -> str:  # OSError's own would prefix "[Errno 28]" and append the file name again
+        return self.args[0]
 
 
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
@@ -61,9 +69,10 @@ def disk_full_error(exc: BaseException, path: str | Path) -> DiskFullError | Non
     if not full:
         return None
     target = getattr(exc, "filename", None) or path
-    left = f" ({_size(free)} free there)" if free is not None else ""
-    return DiskFullError(f"disk full while writing {target}{left}: free some space or point out_dir at a "
-                         f"bigger disk")
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the write came up short"
+    left = f", {_size(free)} free there" if free is not None else ""
+    return DiskFullError(f"disk full while writing {target} ({reason}{left}): free some space or point out_dir "
+                         f"at a bigger disk", str(target))
 
 
 @contextmanager

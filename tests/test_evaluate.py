@@ -105,12 +105,17 @@ def test_protocol_option_accepts_a_protocol_or_all_and_rejects_others():
         parse_config(evaluate.EvalConfig, ["--protocol", "loose"])
 
 
-def test_default_scores_every_sentence_and_the_output_says_how_many(tmp_path, capsys):
-    data = tmp_path / "three.jsonl"
-    data.write_text("".join(json.dumps({"tokens": tokens, "entities": []}) + "\n"
-                            for tokens in (["Rain", "fell"], ["John", "ran"], ["It", "is"])))
-    base = ["--dataset", str(data), "--format", "json", "--k_shot", "0", "--max_new_tokens", "4"]
-    evaluate.main(base + ["--out_dir", str(tmp_path)])  # no --limit
-    assert "scored 3 of 3 test sentences\n" in capsys.readouterr().out
-    saved = json.loads((tmp_path / "report.json").read_text())["results"][str(data)]
-    assert (saved["sentences_scored"], saved["sentences_total"], len(saved["sentences"])) == (3, 3, 3)
+def test_default_scores_every_sentence_and_the_output_says_how_many(tmp_path, capsys, smollm2_tokenizer):
+    # 501 sentences: one more than the old silent default of 500. A tiny random model keeps the run short.
+    from grpo.models import tiny_llama
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(vocab_size=len(smollm2_tokenizer), hidden=16, layers=1, heads=2).save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps({"tokens": ["Rain", str(i)], "entities": []}) + "\n" for i in range(501)))
+    evaluate.main(["--model", str(model_dir), "--dataset", str(data), "--format", "json", "--k_shot", "0",
+                   "--max_new_tokens", "1", "--batch_size", "256", "--out_dir", str(tmp_path / "out")])  # no --limit
+    assert "scored 501 of 501 test sentences\n" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())["results"][str(data)]
+    assert (saved["sentences_scored"], saved["sentences_total"], len(saved["sentences"])) == (501, 501, 501)
