@@ -43,6 +43,12 @@ def test_bad_reward_is_reported_before_the_model_loads_and_debug_shows_the_trace
     assert debug.returncode not in (0, 2) and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
 
 
+def test_missing_data_file_is_reported_before_the_model_loads(tmp_path):
+    line = one_error_line(script("train_grpo.py", "--model", "no-such-org/no-such-model", "--dataset",
+                                 str(tmp_path / "train.jsonl")))
+    assert f"dataset='{tmp_path / 'train.jsonl'}': neither a registered data set" in line and "hub" not in line
+
+
 def test_grpo_preset_before_its_sft_stage_names_the_missing_folder_and_the_command(tmp_path):
     # From an empty folder the preset's model, runs/sft_smollm2_conll, does not exist (transformers used to say
     # "couldn't connect to huggingface.co").
