@@ -15,9 +15,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpo.config import ConfigError, list_option, parse_config
+from grpo.cli import run_cli
+from grpo.config import ConfigError, check_paths, list_option, parse_config
 from grpo.config import dict_option as _dict
+from grpo.errors import UserError
 from grpo.config import option as _f
+from ner.config_checks import dataset_problems, format_problems
+from ner.metrics import MODES as MATCH_MODES
 from ner.metrics import format_table
 from ner.protocols import format_protocols, protocol_names, score_protocols
 
@@ -29,7 +33,7 @@ class EvalConfig:
     dataset: list[str] = list_option(["conll2003"], "one or more registered names or data files (comma-separated)")
     split: str = _f("", "split to evaluate of a registered data set or a folder of train/dev/test files "
                         "(empty = test); a single data file is scored whole and takes no split")
-    limit: int = _f(500, "first N sentences of each dataset (0 = all)")
+    limit: int = _f(0, "first N sentences of each dataset (0 = all); the output says how many of how many")
     format: str = _f("tagged", "tagged (one prompt per type) | json (all types at once)")
     k_shot: int = _f(2, "few-shot examples per prompt, from the train split (see --fewshot_data)")
     fewshot_data: str = _f("", "where few-shot examples come from: a registered name or folder (its train split) "
@@ -53,17 +57,50 @@ class EvalConfig:
                               "(ner/protocols.py); the per-type table is always --match scoring")
 
     def validate(self) -> None:
+        from grpo.grpo_config import dtype_problems
+
+        problems = format_problems(self.format) + dtype_problems(self.dtype)
         try:
             protocol_names(self.protocol)
         except ValueError as exc:
-            raise ConfigError(f"--protocol: {exc}") from None
+            problems.append(f"--protocol: {exc}")
+        if self.match not in MATCH_MODES:
+            problems.append(f"match={self.match!r}: expected one of {', '.join(MATCH_MODES)}")
+        if self.engine not in ("torch", "vllm", "auto"):
+            problems.append(f"engine={self.engine!r}: expected torch | vllm | auto")
+        for name in ("limit", "k_shot", "samples"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)} must be ≥ 0")
+        for name in ("max_new_tokens", "batch_size", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be ≥ 1")
+        if self.temperature < 0:
+            problems.append("temperature must be ≥ 0")
+        if not self.dataset:
+            problems.append("dataset is empty: name at least one data set")
         from ner.user_data import check_label_map, check_split
         try:
             check_label_map(self.label_map)
             for name in self.dataset:
                 check_split(name, self.split)
         except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+            problems.append(str(exc))
+        if problems:
+            raise ConfigError("invalid evaluation config: " + "; ".join(problems))
+
+    def path_problems(self) -> list[str]:
+        """Data sets and the model that do not exist; the data's contents (splits of a folder, the few-shot pool,
+        the label map) are checked by ner.evaluation.load_eval_data, still before the model loads."""
+        from grpo.models import check_model_spec
+
+        problems = []
+        for name in self.dataset:
+            problems += dataset_problems("dataset", name, self.split or "test", self.data_dir)
+        try:
+            check_model_spec(self.model)
+        except UserError as exc:
+            problems.append(str(exc))
+        return problems
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -72,7 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "--compare" in argv:
         from ner.compare import main as compare_main  # numpy and JSON only: a comparison must not wait for torch
         return compare_main(argv)
-    return evaluate(parse_config(EvalConfig, argv))
+    cfg = parse_config(EvalConfig, argv)
+    check_paths(cfg)
+    return evaluate(cfg)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -80,7 +119,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     import torch  # here, not at the top, so that --compare never imports torch or transformers
 
     from grpo.engine_factory import build_engine
+    from grpo.errors import report_disk_full
     from grpo.models import load_model_and_tokenizer
+    from ner.data import load_ner_dataset
     from ner.evaluation import evaluate_dataset, load_eval_data
 
     for name in cfg.dataset:  # every data problem surfaces before the model loads
@@ -104,11 +145,15 @@ def evaluate(cfg: EvalConfig) -> dict:
         protocols = score_protocols([s["gold"] for s in sentences], [s["pred"] for s in sentences],
                                     list(report.per_type), cfg.protocol)
         protocol_table = format_protocols(protocols)
-        print(f"\n== {name} ({seconds:.0f} s)\n{table}\n\nmicro scores by protocol\n{protocol_table}")
-        results[name] = {"report": report.to_dict(), "seconds": seconds,
+        n_total = len(load_ner_dataset(name, cfg.split or "test", cfg.data_dir).sentences)  # a cached read
+        scored = f"{len(sentences)} of {n_total} {cfg.split or 'test'} sentences" + (
+            f" (the first {cfg.limit}: --limit; 0 = all)" if len(sentences) < n_total else "")
+        print(f"\n== {name} ({seconds:.0f} s): scored {scored}\n{table}\n\nmicro scores by protocol\n{protocol_table}")
+        results[name] = {"report": report.to_dict(), "seconds": seconds, "sentences_scored": len(sentences),
+                         "sentences_total": n_total,
                          "format_ok": sum(r["format_ok"] for r in rows) / max(len(rows), 1),
                          "protocols": protocols, "sentences": sentences}
-        md += [f"\n## {name}\n", table, "\n### Micro scores by protocol\n", protocol_table, "\n### Errors\n",
+        md += [f"\n## {name}\n", f"Scored {scored}.\n", table, "\n### Micro scores by protocol\n", protocol_table, "\n### Errors\n",
                "\n".join(f"- {k}: {v}" for k, v in report.to_dict().get("errors", {}).items()),
                "\n### Sample outputs\n"]
         for r in rows[:cfg.samples]:
@@ -125,12 +170,13 @@ def evaluate(cfg: EvalConfig) -> dict:
         results["average"] = avg
     print("\n" + "\n".join(summary))
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps({"config": vars(cfg), "results": results}, indent=2))
-    (out / "report.md").write_text("\n".join(md[:2] + ["\n" + "\n".join(summary) + "\n"] + md[2:]) + "\n")
+    with report_disk_full(out):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps({"config": vars(cfg), "results": results}, indent=2))
+        (out / "report.md").write_text("\n".join(md[:2] + ["\n" + "\n".join(summary) + "\n"] + md[2:]) + "\n")
     print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
     return results
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

@@ -6,25 +6,28 @@ Every config field is also a command-line flag (``--help`` lists them).
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from grpo.config import parse_config
-from grpo.distributed import cleanup, init_distributed, shard_model, shard_trainable
-from grpo.engine_factory import build_engine
+from grpo.cli import run_cli
+from grpo.config import check_paths, parse_config
 from grpo.config import dict_option as _dict
 from grpo.config import option as _f
+from grpo.distributed import cleanup, init_distributed, shard_model, shard_trainable
+from grpo.engine_factory import build_engine
+from grpo.errors import UserError
 from grpo.grpo_config import GRPOConfig
-from grpo.models import load_model, load_model_and_tokenizer, parse_dtype
+from grpo.models import check_model_spec, load_model, load_model_and_tokenizer, parse_dtype
 from grpo.rollout_io import tokenize_prompts
 from grpo.run_dir import plan_run
 from grpo.trainer import train
+from ner.config_checks import dataset_problems, format_problems, reward_problems, reward_weights_help
 from ner.evaluation import make_eval_fn
 from ner.headroom import keep_disagreeing_prompts
 from ner.prompts import build_prompts, limit_empty_answers
-from ner.rewards import build_reward_fns
+from ner.rewards import PRESETS, build_reward_fns
 from ner.user_data import is_single_file, load_user_dataset
 
 
@@ -53,6 +56,34 @@ class NERGRPOConfig(GRPOConfig):
                                 "rewards were not all equal (dropped: prompts it marks all_equal AND prompts it does "
                                 "not cover); fails if its prompts are not this config's. Offline twin of "
                                 "dynamic_sampling, which masks such groups online; empty = off")
+    # Without a reward nothing trains, so plain `python train_grpo.py` gets ReasoningNER's (10·F1 + 1·schema):
+    # it scores both formats, and unlike the blog's it does not pay for answering nothing (README).
+    reward_weights: dict[str, float] = _dict(PRESETS["reasoningner"], reward_weights_help(), presets=PRESETS)
+
+    def config_problems(self, world_size: int = 1) -> list[str]:
+        problems = super().config_problems(world_size)  # it also rejects empty reward_weights
+        problems += format_problems(self.format) + reward_problems(self.reward_weights)
+        for name in ("offset", "limit", "k_shot"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)} must be ≥ 0")
+        return problems
+
+    def path_problems(self) -> list[str]:
+        problems = super().path_problems() + dataset_problems("dataset", self.dataset, self.split or "train",
+                                                              self.data_dir)
+        if self.k_shot > 0:  # the few-shot pool: a train split (of fewshot_data when given)
+            problems += dataset_problems("fewshot_data" if self.fewshot_data else "dataset",
+                                         self.fewshot_data or self.dataset, "train", self.data_dir)
+        if self.eval_limit > 0:
+            problems += dataset_problems("eval_dataset", self.eval_dataset, self.eval_split or "test", self.data_dir)
+        if self.ref_model is not None:
+            try:
+                check_model_spec(self.ref_model, "ref_model")
+            except UserError as exc:
+                problems.append(str(exc))
+        if self.prompt_filter and not Path(self.prompt_filter).is_file():
+            problems.append(f"prompt_filter={self.prompt_filter}: no such file")
+        return problems
 
 
 def build_train_prompts(cfg: NERGRPOConfig, tokenizer) -> tuple[list[dict], int]:
@@ -82,6 +113,7 @@ def build_rollout_engine(cfg: NERGRPOConfig, policy: torch.nn.Module, tokenizer)
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(NERGRPOConfig, argv)
+    check_paths(cfg)
     info = init_distributed()
     plan = plan_run(cfg, info)  # refuses a reused out_dir or a changed config before anything loads
     torch.manual_seed(cfg.seed)
@@ -118,4 +150,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from grpo.config import parse_config
-from grpo.distributed import barrier, cleanup, init_distributed, shard_trainable
+from grpo.cli import run_cli
+from grpo.config import check_paths, parse_config
 from grpo.config import option as _f
-from grpo.models import load_model_and_tokenizer, parse_dtype
+from grpo.distributed import barrier, cleanup, init_distributed, shard_trainable
+from grpo.errors import UserError
+from grpo.models import check_model_spec, load_model_and_tokenizer, parse_dtype
 from grpo.run_dir import plan_run
 from grpo.sft import SFTConfig, tokenize_pairs, train_sft
+from ner.config_checks import dataset_problems, format_problems
 from ner.prompts import limit_empty_answers
 from ner.sft_data import read_cot_records, sft_pairs
 
@@ -41,16 +45,31 @@ class NERSFTConfig(SFTConfig):
                                       "(tagged CoNLL is ~2/3 empty; a small model then answers none to all); "
                                       "negative = keep all")
 
-    def validate(self, world_size: int = 1) -> None:
-        from grpo.config import ConfigError
+    def config_problems(self, world_size: int = 1) -> list[str]:
         from ner.cot import MODES
-        from ner.prompts import FORMATS
 
-        if self.format not in FORMATS:
-            raise ConfigError(f"format={self.format!r}: expected one of {FORMATS}")
+        problems = super().config_problems(world_size) + format_problems(self.format)
         if self.cot_mode not in MODES:
-            raise ConfigError(f"cot_mode={self.cot_mode!r}: expected one of {MODES}")
-        super().validate(world_size)
+            problems.append(f"cot_mode={self.cot_mode!r}: expected one of {', '.join(MODES)}")
+        for name in ("limit", "k_shot"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)} must be ≥ 0")
+        return problems
+
+    def path_problems(self) -> list[str]:
+        problems = super().path_problems()
+        if self.dataset:
+            problems += dataset_problems("dataset", self.dataset, self.split, self.data_dir)
+            if self.k_shot > 0:
+                problems += dataset_problems("dataset", self.dataset, "train", self.data_dir)
+        elif not Path(self.data).is_file():
+            problems.append(f"data={self.data}: no such file (set dataset to generate it)")
+        if self.teacher != "template" and not self.teacher.startswith(("http://", "https://")):
+            try:
+                check_model_spec(self.teacher, "teacher")
+            except UserError as exc:
+                problems.append(str(exc))
+        return problems
 
 
 def ensure_cot_data(cfg: NERSFTConfig) -> None:
@@ -65,6 +84,7 @@ def ensure_cot_data(cfg: NERSFTConfig) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(NERSFTConfig, argv)
+    check_paths(cfg)
     info = init_distributed()
     plan = plan_run(cfg, info)  # refuses a reused out_dir or a changed config before anything loads
     torch.manual_seed(cfg.seed)
@@ -87,4 +107,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

@@ -45,7 +45,8 @@ from torch import nn
 
 from grpo.config import config_to_dict, config_to_yaml
 from grpo.distributed import DistInfo, barrier, broadcast_object, get_rank, get_world_size, is_main, is_sharded
-from grpo.manifest import MANIFEST, verify_manifest, write_manifest
+from grpo.errors import report_disk_full
+from grpo.manifest import verify_manifest, write_manifest
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "GracefulExit",
            "install_sigterm_handler", "verify_checkpoint", "newest_valid_checkpoint", "CheckpointError",
@@ -248,14 +249,16 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, tokenizer,
         tmp.mkdir()
     barrier()
 
-    _write_torch(_rng_state(), tmp / f"rng_state_rank{rank}.pt")
+    with report_disk_full(final):
+        _write_torch(_rng_state(), tmp / f"rng_state_rank{rank}.pt")
     weights = full_state_dict(model)  # collective; the tensors land on rank 0 only when sharded
     optim_state = None if optimizer is None else get_optimizer_state_dict(
         model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     failure: Exception | None = None
     if rank == 0:
         try:
-            _write_rank0_files(tmp, model, weights, tokenizer, optim_state, scheduler, state_json, config)
+            with report_disk_full(final):
+                _write_rank0_files(tmp, model, weights, tokenizer, optim_state, scheduler, state_json, config)
         except Exception as e:  # re-raised below, after telling the other ranks (else they wait forever)
             failure = e
     del weights, optim_state

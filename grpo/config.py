@@ -28,12 +28,15 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from grpo.errors import UserError
+from grpo.foreign_flags import foreign_flag_hint
+
 _NONE_WORDS = ("none", "null", "~")
 _TRUE_WORDS = ("true", "1", "yes", "y", "on")
 _FALSE_WORDS = ("false", "0", "no", "n", "off")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value, name or combination is wrong; the message says where and what to change."""
 
 
@@ -44,8 +47,10 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
 
 
 def _unknown_field(name: str, valid: list[str], where: str) -> ConfigError:
+    hint = foreign_flag_hint(name, valid, option=where.startswith("command line"))
     close = difflib.get_close_matches(name.replace("-", "_"), valid, n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    if close and not hint:
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?"
     return ConfigError(f"{where}: unknown config field {name!r}{hint} (run with --help to list every field)")
 
 
@@ -161,6 +166,17 @@ def coerce_value(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
 
 
+def _coerce_field(value: Any, f: dataclasses.Field, tp: Any, where: str) -> Any:
+    """``coerce_value``, except that a field with named presets (``dict_option(presets=...)``) also takes a name."""
+    presets = f.metadata.get("presets")
+    if presets and isinstance(value, str) and "=" not in value:
+        if value.strip() in presets:
+            return dict(presets[value.strip()])
+        raise ConfigError(f"{where}: unknown preset {value.strip()!r}; expected one of "
+                          f"{', '.join(sorted(presets))} or name=weight,...")
+    return coerce_value(value, tp, where)
+
+
 def _load_yaml(path: str, fields: dict[str, dataclasses.Field], hints: dict[str, Any]) -> dict[str, Any]:
     """The coerced values of one YAML config file, keyed by field name."""
     try:
@@ -185,7 +201,7 @@ def _load_yaml(path: str, fields: dict[str, dataclasses.Field], hints: dict[str,
             if name not in fields:
                 raise _unknown_field(key_node.value, list(fields), f"{path}:{line}")
             value = loader.construct_object(value_node, deep=True)
-            out[name] = coerce_value(value, hints[name], f"{path}:{line}: field {name!r}")
+            out[name] = _coerce_field(value, fields[name], hints[name], f"{path}:{line}: field {name!r}")
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     finally:
@@ -246,6 +262,7 @@ def format_help(cls: type, prog: str | None = None) -> str:
         lines.append(f"  --{name} {_type_name(hints[name])}  ({shown})")
         if f.metadata.get("help"):
             lines.append(f"      {f.metadata['help']}")
+    lines += ["", "  --debug  on an error, show the full traceback (also: GRPO_DEBUG=1)"]
     return "\n".join(lines) + "\n"
 
 
@@ -265,7 +282,7 @@ def parse_config(cls: type, argv: list[str] | None = None):
     for path in yaml_paths:
         values.update(_load_yaml(path, fields, hints))
     for name, raw, option in overrides:
-        values[name] = coerce_value(raw, hints[name], f"command line option {option}")
+        values[name] = _coerce_field(raw, fields[name], hints[name], f"command line option {option}")
     missing = [n for n, f in fields.items() if n not in values and _default_of(f) is dataclasses.MISSING]
     if missing:
         raise ConfigError("missing required config field(s): " + ", ".join(missing)
@@ -274,6 +291,14 @@ def parse_config(cls: type, argv: list[str] | None = None):
     if callable(getattr(cfg, "validate", None)):
         cfg.validate()
     return cfg
+
+
+def check_paths(cfg: Any) -> None:
+    """Raise one ``ConfigError`` listing ``cfg.path_problems()``: the model folders, data files and checkpoints the
+    config names that do not exist. Scripts call it right after ``parse_config``, before anything loads."""
+    problems = list(dict.fromkeys(cfg.path_problems()))
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _plain(value: Any) -> Any:
@@ -314,5 +339,7 @@ def list_option(default: list, help: str):
     return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
 
 
-def dict_option(default: dict, help: str):
-    return dataclasses.field(default_factory=lambda: dict(default), metadata={"help": help})
+def dict_option(default: dict, help: str, presets: dict[str, dict] | None = None):
+    """A mapping field; with ``presets``, ``--field NAME`` (or ``field: NAME`` in YAML) stands for that mapping."""
+    metadata = {"help": help, **({"presets": presets} if presets else {})}
+    return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)

@@ -7,11 +7,37 @@ round's mini-batches, as in PPO / GRPO's μ). With μ = 1 and one mini-batch the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from grpo.config import ConfigError
 from grpo.config import dict_option as _dict
 from grpo.config import list_option as _list
 from grpo.config import option as _f
+from grpo.errors import UserError
+
+
+def run_path_problems(cfg) -> list[str]:
+    """What is missing on disk for the fields every training config has: the model folder, the resume
+    checkpoint, and out_dir being a folder. Kept out of ``validate()``: a config saved with a run must parse again
+    after the folders it named are gone."""
+    from grpo.models import check_model_spec
+
+    problems = []
+    try:
+        check_model_spec(cfg.model)
+    except UserError as exc:
+        problems.append(str(exc))
+    if cfg.resume not in ("none", "auto") and cfg.resume and not Path(cfg.resume).is_dir():
+        problems.append(f"resume={cfg.resume}: no such checkpoint folder (none | auto | a checkpoint path)")
+    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+        problems.append(f"out_dir={cfg.out_dir} is a file, not a folder")
+    return problems
+
+
+def dtype_problems(dtype: str) -> list[str]:
+    from grpo.models import DTYPES
+
+    return [] if dtype in DTYPES else [f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}"]
 
 
 @dataclass
@@ -73,7 +99,7 @@ class GRPOConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory, costs ~30% time)")
 
     # --- bookkeeping
-    log_every: int = _f(1, "console/TensorBoard every N steps")
+    log_every: int = _f(1, "print a console line every N steps (metrics.jsonl and TensorBoard get every step)")
     sample_log_count: int = _f(4, "completions per step written to samples.jsonl (0 = none)")
     eval_every: int = _f(0, "evaluate on the dev subset every N steps (0 = only at start and end if eval_limit)")
     eval_limit: int = _f(0, "dev examples per evaluation; 0 = no evaluation during training")
@@ -88,6 +114,12 @@ class GRPOConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Fail at start, naming the fields to change, rather than deep inside the loop."""
+        problems = self.config_problems(world_size)
+        if problems:
+            raise ConfigError("invalid GRPO config: " + "; ".join(problems))
+
+    def config_problems(self, world_size: int = 1) -> list[str]:
+        """Every wrong value or combination, as "field=value: what is expected" (a task subclass adds its own)."""
         problems: list[str] = []
 
         def need(ok: bool, msg: str) -> None:
@@ -130,8 +162,22 @@ class GRPOConfig:
         need(self.keep_last >= 1, f"keep_last={self.keep_last} must be ≥ 1 (the final checkpoint is kept)")
         need(not (self.overwrite and self.resume != "none"),
              f"overwrite starts a new run; it cannot be combined with resume={self.resume!r}")
-        if problems:
-            raise ConfigError("invalid GRPO config:\n  - " + "\n  - ".join(problems))
+        problems += dtype_problems(self.dtype)
+        need(self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.weight_decay >= 0,
+             "lr must be > 0, beta1 and beta2 in [0, 1), weight_decay ≥ 0")
+        need(self.max_grad_norm > 0, "max_grad_norm must be > 0")
+        need(self.max_batch_tokens >= 1 and self.vllm_kv_cache_gib > 0
+             and 0 < self.vllm_gpu_memory_utilization <= 1,
+             "max_batch_tokens ≥ 1, vllm_kv_cache_gib > 0 and 0 < vllm_gpu_memory_utilization ≤ 1")
+        need(self.overlong_buffer >= 0 and self.overlong_penalty >= 0, "overlong_buffer and overlong_penalty ≥ 0")
+        for name in ("sample_log_count", "eval_every", "eval_limit"):
+            need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be ≥ 0")
+        need(self.log_every >= 1, f"log_every={self.log_every} must be ≥ 1")
+        return problems
+
+    def path_problems(self) -> list[str]:
+        """Files and folders this config names that do not exist (``grpo.config.check_paths`` raises them)."""
+        return run_path_problems(self)
 
     @property
     def needs_old_logprobs(self) -> bool:

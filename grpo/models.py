@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+import yaml
+
+from grpo.errors import UserError
 
 EMBEDDED_DEFAULT = "smollm2-135m-instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,7 +39,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -88,6 +92,62 @@ def embedded_model_dir() -> Path:
     return target
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# The first folder of this project's run outputs: `runs/x` is never a hub organisation here.
+_RUN_ROOTS = ("runs", "outputs")
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _looks_like_path(spec: str) -> bool:
+    """True for specs a user meant as a local folder: ./x, /x, ~/x, a/b/c, runs/x, or a/b where a/ exists here."""
+    if not _HUB_ID.match(spec):
+        return True
+    first = spec.split("/")[0]
+    return "/" in spec and (first in _RUN_ROOTS or Path(first).is_dir())
+
+
+def _producing_config(folder: str) -> str:
+    """" — run `python train_x.py --config configs/y.yaml` first" when a preset in configs/ writes ``folder``."""
+    wanted = os.path.normpath(folder)
+    for config in sorted((_REPO_ROOT / "configs").glob("*.yaml")):
+        try:
+            out_dir = (yaml.safe_load(config.read_text()) or {}).get("out_dir")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if out_dir and os.path.normpath(str(out_dir)) == wanted:
+            script = "train_sft.py" if config.name.startswith("sft") else "train_grpo.py"
+            return f": it is the out_dir of configs/{config.name}; run `python {script} --config " \
+                   f"configs/{config.name}` first"
+    return ""
+
+
+def check_model_spec(spec: str, field: str = "model") -> None:
+    """Raise ``UserError`` now, before anything loads, if ``spec`` cannot name a model.
+
+    Accepted: the embedded default's name, a folder with config.json or a complete ``checkpoint-*``, or something
+    shaped like a hub id (``org/name``; whether it exists is only known when it downloads). A path-like spec that
+    does not exist says so, instead of transformers' "Repo id must be in the form 'repo_name'" or "couldn't
+    connect to huggingface.co", and names the preset that creates it.
+    """
+    if spec == EMBEDDED_DEFAULT:
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{field}={spec}: is a file, not a model folder")
+        if not (path / "config.json").is_file():
+            from grpo.checkpoint import latest_checkpoint
+
+            if latest_checkpoint(path, clean_stale=False) is None:
+                raise UserError(f"{field}={spec}: the folder has neither config.json nor a complete checkpoint-* "
+                                f"inside (a run that stopped before its first checkpoint?)" + _producing_config(spec))
+        return
+    if not spec.strip() or _looks_like_path(spec):
+        raise UserError(f"{field}: model folder {spec} does not exist" + (
+            _producing_config(spec) or f" (a model is an existing folder, a hub id like org/name, or "
+                                       f"{EMBEDDED_DEFAULT})"))
+
+
 def resolve_model_path(spec: str) -> str:
     """Map a model spec to something ``from_pretrained`` accepts (a folder or a hub id).
 
@@ -97,6 +157,8 @@ def resolve_model_path(spec: str) -> str:
     if spec == EMBEDDED_DEFAULT:
         return str(embedded_model_dir())
     path = Path(spec)
+    if not path.exists():  # transformers would call a missing folder a malformed or unreachable hub id
+        check_model_spec(spec)
     if path.is_dir() and not (path / "config.json").is_file():
         from grpo.checkpoint import latest_checkpoint
 

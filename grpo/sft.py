@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from grpo.config import ConfigError
 from grpo.config import option as _f
+from grpo.grpo_config import dtype_problems, run_path_problems
 
 IGNORE = -100
 
@@ -55,7 +56,7 @@ class SFTConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory, costs ~30% time)")
     share_prompt_prefix: bool = _f(True, "run the prompt prefix that every row of a micro-batch shares (instructions, "
                                          "type descriptions) once and reuse its K/V; unpacked rows only")
-    log_every: int = _f(1, "console/TensorBoard every N steps")
+    log_every: int = _f(1, "TensorBoard and metrics.jsonl every N steps (and at the last)")
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end; always at the end)")
     keep_last: int = _f(2, "checkpoints kept (≥ 1): older steps are deleted as new ones are saved")
     resume: str = _f("none", "none (a new run: out_dir must hold no run) | auto (newest valid checkpoint in out_dir; "
@@ -66,6 +67,12 @@ class SFTConfig:
                                           "are used and listed in out_dir/config_changes.jsonl)")
 
     def validate(self, world_size: int = 1) -> None:
+        problems = self.config_problems(world_size)
+        if problems:
+            raise ConfigError("invalid SFT config: " + "; ".join(problems))
+
+    def config_problems(self, world_size: int = 1) -> list[str]:
+        """Every wrong value or combination (a task subclass adds its own)."""
         problems: list[str] = []
         for name in ("batch_size", "grad_accum", "max_len", "log_every", "keep_last"):
             if getattr(self, name) < 1:
@@ -84,8 +91,14 @@ class SFTConfig:
             problems.append("resume: none | auto | a checkpoint path")
         if self.overwrite and self.resume != "none":
             problems.append(f"overwrite starts a new run; it cannot be combined with resume={self.resume!r}")
-        if problems:
-            raise ConfigError("invalid SFT config:\n  - " + "\n  - ".join(problems))
+        if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.weight_decay >= 0):
+            problems.append("lr must be > 0, beta1 and beta2 in [0, 1), weight_decay ≥ 0")
+        problems += dtype_problems(self.dtype)
+        return problems
+
+    def path_problems(self) -> list[str]:
+        """Files and folders this config names that do not exist (``grpo.config.check_paths`` raises them)."""
+        return run_path_problems(self)
 
 
 # ----------------------------------------------------------------------------- examples, rows, batches
@@ -351,39 +364,27 @@ def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[
         if plan.changes:  # allowed by --allow_config_change: train with the new values, not the restored ones
             set_optimizer_hparams(optimizer, scheduler, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
 
-    writer = bar = None
-    if info.rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
+    from grpo.rollout_io import RunLogger
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=plan.tb_purge_step)
-        bar = tqdm(total=n_steps, initial=step, desc="sft", unit="step", dynamic_ncols=True)
-        bar.write(f"sft: {len(rows)} examples in {len(data)} rows, {n_steps} steps"
-                  + (f", resuming at step {step} from {ckpt}" if ckpt else ""))
+    logger = RunLogger(run_dir, info.rank == 0, total=n_steps, initial=step, desc="sft", samples=False,
+                       purge_step=plan.tb_purge_step)
+    logger.note(f"sft: {len(rows)} examples in {len(data)} rows, {n_steps} steps"
+                + (f", resuming at step {step} from {ckpt}" if ckpt else ""))
 
     state: dict = {"step": step}
     with GracefulExit() as stop:
         while step < n_steps:
             state = _train_step(model, optimizer, scheduler, data, step, cfg, info, pad_id)
             step = state["step"]
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{state['loss']:.4f}", gnorm=f"{state['grad_norm']:.3g}")
-                if step % cfg.log_every == 0 or step == n_steps:
-                    for k, v in state.items():
-                        if k != "step":
-                            writer.add_scalar(f"sft/{k}", v, step)
-                    writer.flush()
+            logger.advance(loss=f"{state['loss']:.4f}", gnorm=f"{state['grad_norm']:.3g}")
+            if step % cfg.log_every == 0 or step == n_steps:
+                logger.record(step, {f"sft/{k}": v for k, v in state.items() if k != "step"})
             stopping = stop.should_stop()
             if step == n_steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
                 save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, state, cfg.keep_last, info,
                                 config=cfg)
             if stopping:
-                if bar is not None:
-                    bar.write(f"SIGTERM: saved step {step} and stopped")
+                logger.note(f"SIGTERM: saved step {step} and stopped")
                 break
-    if bar is not None:
-        bar.close()
-        writer.close()
+    logger.close()
     return state

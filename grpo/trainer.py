@@ -21,7 +21,6 @@ ranks (grpo.distributed.shard_model), so the gradient is that of the whole batch
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -325,9 +324,9 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
         metrics["tokens_per_s"] = metrics["completion/len_mean"] * len(rollouts) * info.world_size / max(
             sum(times.values()), 1e-9)
         history.append({"step": step + 1, **metrics})
-        logger.step(step + 1, metrics, samples[:cfg.sample_log_count], rollouts[:cfg.sample_log_count],
-                    rewards[:cfg.sample_log_count].tolist())
         done = step + 1 == cfg.total_steps
+        logger.step(step + 1, metrics, samples[:cfg.sample_log_count], rollouts[:cfg.sample_log_count],
+                    rewards[:cfg.sample_log_count].tolist(), print_line=done or (step + 1) % cfg.log_every == 0)
         if eval_fn is not None and cfg.eval_limit > 0 and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             logger.scalars(step + 1, {f"eval/{k}": v for k, v in eval_fn(step + 1).items()})
         stopping = stop_requested()  # polled once: a signal between two polls would exit without saving

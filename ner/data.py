@@ -14,6 +14,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from grpo.errors import UserError
 from ner.descriptions import CONLL_FALLBACK, CONLL_TYPES, CROSSNER_TYPES, describe
 from ner.types import Entity, NERDataset, Sentence
 
@@ -30,7 +31,7 @@ SPLITS = {"train": "train", "dev": "dev", "validation": "dev", "valid": "dev", "
 SPLIT_FILE_STEMS = {"train": ("train",), "dev": ("dev", "validation", "valid"), "test": ("test",)}
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError):  # a ValueError; the scripts print it as one line (grpo.cli)
     """Malformed NER data. ``str(err)`` is ``"<file>, line <n>: <problem>"`` (no line when none applies)."""
 
     def __init__(self, path: str | os.PathLike, line: int | None, problem: str):

@@ -74,9 +74,13 @@ def test_json_answer_unparseable_counts_gold_as_missed():
         ({"person": ["John"], "location": ["Paris"]}, True), (None, False)]
 
 
-def test_cli_writes_reports_with_one_row_per_dataset_and_the_average(tmp_path):
+def test_cli_writes_reports_with_one_row_per_dataset_and_the_average(tmp_path, capsys):
+    from ner.data import load_ner_dataset
+
     results = evaluate.main(["--dataset", "conll2003,crossner_politics", "--limit", "1", "--k_shot", "0",
                              "--max_new_tokens", "8", "--out_dir", str(tmp_path), "--samples", "2"])
+    n_test = len(load_ner_dataset("conll2003", "test").sentences)
+    assert f"scored 1 of {n_test} test sentences (the first 1: --limit; 0 = all)" in capsys.readouterr().out
     saved = json.loads((tmp_path / "report.json").read_text())["results"]
     assert set(saved) == {"conll2003", "crossner_politics", "average"}
     f1s = [saved[d]["report"]["f1"] for d in ("conll2003", "crossner_politics")]
@@ -99,3 +103,19 @@ def test_protocol_option_accepts_a_protocol_or_all_and_rejects_others():
     assert parse_config(evaluate.EvalConfig, ["--protocol", "blog"]).protocol == "blog"
     with pytest.raises(ConfigError, match="--protocol: unknown protocol 'loose'"):
         parse_config(evaluate.EvalConfig, ["--protocol", "loose"])
+
+
+def test_default_scores_every_sentence_and_the_output_says_how_many(tmp_path, capsys, smollm2_tokenizer):
+    # 501 sentences: one more than the old silent default of 500. A tiny random model keeps the run short.
+    from grpo.models import tiny_llama
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(vocab_size=len(smollm2_tokenizer), hidden=16, layers=1, heads=2).save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps({"tokens": ["Rain", str(i)], "entities": []}) + "\n" for i in range(501)))
+    evaluate.main(["--model", str(model_dir), "--dataset", str(data), "--format", "json", "--k_shot", "0",
+                   "--max_new_tokens", "1", "--batch_size", "256", "--out_dir", str(tmp_path / "out")])  # no --limit
+    assert "scored 501 of 501 test sentences\n" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())["results"][str(data)]
+    assert (saved["sentences_scored"], saved["sentences_total"], len(saved["sentences"])) == (501, 501, 501)
