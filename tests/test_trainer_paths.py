@@ -1,0 +1,168 @@
+"""Every configuration path through the real GRPO loop (grpo.trainer.train), on the tiny character-level task:
+dynamic sampling, the overlong penalty and the truncation mask, TIS/MIS, μ > 1 and several mini-batches, the KL in
+the reward, batch-scaled advantages over 2 ranks, and ReasoningNER's combination stopped and resumed.
+
+Each test runs `train` with a real tiny llama and the real TorchEngine (wrapped only to record what it sampled)
+and checks what the trainer logged against a value derived here: rewards, penalties and advantages from the
+recorded rollouts with the papers' formulas, and the first update's gradient norm from a second, row-by-row
+implementation of the loss (tests/grpo_reference.py). `train/grad_norm` is the norm before clipping.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo.distributed import DistInfo
+from grpo.engine import TorchEngine
+from grpo.grpo_config import GRPOConfig
+from grpo.trainer import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grpo_reference import (RecordingEngine, RecordingReward, hand_advantages, hand_overlong_penalty,  # noqa: E402
+                            reference_grad_norm, row_logprobs)
+from tiny_task import char_tokenizer, lowercase_reward, tiny_policy  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ONE_PROCESS = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+# A completion stops at its first vowel or digit (kept in the completion): p ≈ 15/102 per token, so lengths spread
+# over 1..12 and some hit the limit, instead of nearly all running to max_completion_len.
+STOP = list("aeiou0123456789")
+TINY = dict(reward_weights={"r": 1.0}, beta=0.0, prompts_per_step=4, group_size=4, max_completion_len=12,
+            micro_batch_size=8, lr=1e-2, max_grad_norm=1.0, warmup_ratio=0.0, total_steps=1, save_every=100,
+            sample_log_count=0, engine="torch", stop=STOP)
+# Prompts flagged "constant" get the same reward for every completion: their groups have zero variance.
+PROMPTS = [{"messages": [{"role": "user", "content": text}], "constant": i % 2 == 1} for i, text in
+           enumerate(["Write a word.", "Say hi!", "Type: abc", "Go on...", "42?", "Yes or no", "Tell me", "Hi"])]
+
+
+def half_constant_reward(completions: list[str], samples: list[dict]) -> list[float]:
+    return [0.5 if s["constant"] else r for s, r in zip(samples, lowercase_reward(completions, samples))]
+
+
+def run_grpo(out_dir: Path, reward=lowercase_reward, ref_seed: int = 0, logprob_shift: float = 0.0, **fields):
+    """`train` on the tiny task → (history, per-step rollouts, the reward's recorded calls, the trained policy)."""
+    cfg = GRPOConfig(**{**TINY, **fields, "out_dir": str(out_dir)})
+    tok, policy = char_tokenizer(), tiny_policy(seed=0)
+    ref = tiny_policy(seed=ref_seed).eval().requires_grad_(False) if cfg.beta > 0 else None
+    engine, recorded = RecordingEngine(TorchEngine(policy, tok), logprob_shift), RecordingReward(reward)
+    history = train(cfg, policy, tok, PROMPTS, [("r", 1.0, recorded)], ONE_PROCESS, engine, ref_model=ref)
+    return history, engine.steps, recorded.calls, policy
+
+
+def lengths_of(rollouts) -> list[int]:
+    return [len(r.completion_ids) for r in rollouts]
+
+
+# ------------------------------------------------------------------------------------------------ dynamic sampling
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean", "constant"])
+def test_dynamic_sampling_drops_zero_variance_groups_from_the_gradient(tmp_path, loss_agg):
+    """Groups of a constant-reward prompt are dropped: the first update's gradient is that of the other groups
+    alone, with token_mean / seq_mean normalised by the kept tokens / rows and Dr. GRPO's constant by EVERY row."""
+    history, (rollouts,), (call,), _ = run_grpo(tmp_path, half_constant_reward, dynamic_sampling=True,
+                                                loss_agg=loss_agg)
+    constant_groups = [s["constant"] for s in call["samples"][::4]]
+    assert 0 < sum(constant_groups) < 4, "the step must mix constant and varying prompts for this test to bite"
+    assert history[0]["frac_reward_zero_std"] == sum(constant_groups) / 4
+
+    keep = [not s["constant"] for s in call["samples"]]
+    advantages = hand_advantages(call["values"], 4, "group")
+    expected = reference_grad_norm(tiny_policy(seed=0), rollouts, advantages, keep, loss_agg, 12)
+    assert history[0]["train/grad_norm"] == pytest.approx(expected, rel=1e-4)
+    # The normaliser is what dynamic sampling changes; had it counted every row, the norm would differ this much.
+    every_row = reference_grad_norm(tiny_policy(seed=0), rollouts, advantages, [True] * 16, loss_agg, 12)
+    if loss_agg == "constant":
+        assert every_row == pytest.approx(expected, rel=1e-6)
+    else:
+        assert abs(every_row - expected) > 0.05 * expected
+
+
+# ------------------------------------------------------------------------------------ overlong penalty, truncation
+@pytest.mark.parametrize("mask_truncated", [True, False])
+def test_overlong_penalty_and_truncation_mask(tmp_path, mask_truncated):
+    """With a constant task reward the only signal is DAPO's overlong penalty: a completion's advantage is its
+    penalty minus its group's mean penalty (Dr. GRPO scaling), so long ones are pushed down. With mask_truncated,
+    completions cut at max_completion_len add nothing to the loss or its normaliser."""
+    max_len, buffer, factor = 12, 6, 0.5
+    history, (rollouts,), (call,), _ = run_grpo(
+        tmp_path, lambda completions, samples: [1.0] * len(completions), overlong_buffer=buffer,
+        overlong_penalty=factor, mask_truncated=mask_truncated, adv_scale="none", loss_agg="token_mean")
+    lengths = lengths_of(rollouts)
+    truncated = [r.finish_reason == "length" for r in rollouts]
+    assert any(truncated) and not all(truncated)
+    assert any(max_len - buffer < n < max_len for n in lengths), "no completion in the soft-penalty zone"
+    penalties = [hand_overlong_penalty(n, max_len, buffer, factor) for n in lengths]
+    assert history[0]["reward/mean"] == pytest.approx(1.0 + sum(penalties) / 16, rel=1e-6)
+    assert history[0]["reward/r"] == 1.0  # the task reward is logged without the penalty
+
+    advantages = hand_advantages([1.0 + p for p in penalties], 4, "none")
+    longest = max(range(16), key=lambda i: (lengths[i], -advantages[i]))
+    group = slice(longest - longest % 4, longest - longest % 4 + 4)
+    assert advantages[longest] == pytest.approx(penalties[longest] - sum(penalties[group]) / 4)
+    assert advantages[longest] < 0  # the seed's longest completion does not share its group with three as long
+    keep = [not (mask_truncated and t) for t in truncated]
+    # On-policy, ratio = 1: the token-mean loss is −Σ A_i |o_i| / Σ |o_i| over the kept rows.
+    expected_loss = -sum(a * n for a, n, k in zip(advantages, lengths, keep) if k) / sum(
+        n for n, k in zip(lengths, keep) if k)
+    assert history[0]["train/loss"] == pytest.approx(expected_loss, rel=1e-5, abs=1e-7)
+    expected = reference_grad_norm(tiny_policy(seed=0), rollouts, advantages, keep, "token_mean", max_len)
+    assert history[0]["train/grad_norm"] == pytest.approx(expected, rel=1e-4)
+    if mask_truncated:  # and the truncated rows do carry a gradient of their own, which the mask removed
+        unmasked = reference_grad_norm(tiny_policy(seed=0), rollouts, advantages, [True] * 16, "token_mean", max_len)
+        assert abs(unmasked - expected) > 0.05 * expected
+
+
+# ------------------------------------------------------------------------------------------------------- TIS / MIS
+def test_tis_weights_are_one_on_policy_and_fixed_across_epochs(tmp_path):
+    """μ = 1, one mini-batch: π_old is the very policy being differentiated (ratio exactly 1, nothing clipped), and
+    the TIS weight π_old/π_rollout is 1 up to the engine's float noise. μ = 2: the second epoch's ratio moves off 1,
+    but the TIS weights do not: they compare π_old with the engine, both fixed for the step."""
+    common = dict(rollout_correction="token", rollout_correction_mode="truncate", rollout_correction_threshold=2.0)
+    (one,), _, _, _ = run_grpo(tmp_path / "mu1", **common)
+    assert one["train/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert one["train/ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    assert one["train/clip_frac"] == 0.0
+    # The TIS log-ratio is the engine gap the trainer logs beside it: both are token means of |π_old − π_rollout|.
+    gap = one["engine_logprob_gap/max"]
+    assert gap < 1e-4
+    assert one["train/correction/logp_gap_abs_mean"] == pytest.approx(one["engine_logprob_gap/mean"], rel=1e-5)
+    assert one["train/correction/weight_mean"] == pytest.approx(1.0, abs=gap * 1.01 + 1e-9)
+    assert one["train/correction/frac_corrected"] == 0.0
+
+    (two,), _, _, _ = run_grpo(tmp_path / "mu2", mu=2, **common)
+    # Averaged over the two updates: the first has ratio 1 everywhere, so the second's must have left it.
+    assert two["train/ratio_max"] > 1.05 and two["train/clip_frac"] > 0 and two["train/approx_kl"] > 0
+    for key in ("weight_mean", "logp_gap_abs_mean", "kl_k3"):
+        assert two[f"train/correction/{key}"] == pytest.approx(one[f"train/correction/{key}"], rel=1e-5, abs=1e-12)
+
+
+@pytest.mark.parametrize("level,mode,ratio", [("token", "truncate", 3.0), ("token", "mask", 3.0),
+                                              ("token", "truncate", 1.5), ("sequence", "truncate", 1.5)])
+def test_rollout_correction_weights_scale_the_gradient(tmp_path, level, mode, ratio):
+    """An engine whose log-probs are ln(ratio) below the trainer's: every token has ρ = π_old/π_rollout = ratio
+    (a sequence: ratio^|o|). With C = 2, TIS weighs a token min(ρ, 2) and MIS ρ·1[1/2 ≤ ρ ≤ 2], so the first
+    update's gradient is the uncorrected one scaled row by row by those weights."""
+    history, (rollouts,), (call,), _ = run_grpo(
+        tmp_path, logprob_shift=math.log(ratio), rollout_correction=level, rollout_correction_mode=mode,
+        rollout_correction_threshold=2.0)
+    rho = [ratio ** (len(r.completion_ids) if level == "sequence" else 1) for r in rollouts]
+    weights = [min(p, 2.0) if mode == "truncate" else (p if 0.5 <= p <= 2.0 else 0.0) for p in rho]
+    tokens = lengths_of(rollouts)
+    per_token = [w for w, n in zip(weights, tokens) for _ in range(n)]
+    metrics = history[0]
+    assert metrics["train/correction/weight_mean"] == pytest.approx(sum(per_token) / len(per_token), rel=1e-5)
+    if level == "token":  # (at sequence level the logged fraction is token-weighted over micro-batches: not checked)
+        corrected = [p > 2.0 for p, n in zip(rho, tokens) for _ in range(n)]
+        assert metrics["train/correction/frac_corrected"] == pytest.approx(sum(corrected) / len(corrected))
+    advantages = hand_advantages(call["values"], 4, "group")
+    expected = reference_grad_norm(tiny_policy(seed=0), rollouts, advantages, [True] * 16, "seq_mean", 12,
+                                   row_weights=weights)
+    assert metrics["train/grad_norm"] == pytest.approx(expected, rel=1e-4, abs=1e-9)
