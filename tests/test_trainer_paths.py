@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 from grpo.distributed import DistInfo
-from grpo.engine import TorchEngine
+from grpo.engine import Rollout, TorchEngine
 from grpo.grpo_config import GRPOConfig
 from grpo.trainer import train
 
@@ -166,3 +165,104 @@ def test_rollout_correction_weights_scale_the_gradient(tmp_path, level, mode, ra
     expected = reference_grad_norm(tiny_policy(seed=0), rollouts, advantages, [True] * 16, "seq_mean", 12,
                                    row_weights=weights)
     assert metrics["train/grad_norm"] == pytest.approx(expected, rel=1e-4, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------ μ > 1, several mini-batches
+def test_shuffled_mini_batches_read_pi_old_and_rollout_logprobs_of_their_own_rows(tmp_path):
+    """μ = 2 epochs × 2 mini-batches, each drawing its rows in a new shuffled order, with an lr so small that every
+    update rounds away in fp32: the policy stays the step's π_old, so if each row's π_old and engine log-probs
+    are that row's, every ratio is 1 and every TIS weight within the engine's float noise of 1."""
+    (metrics,), _, _, _ = run_grpo(tmp_path, mu=2, num_mini_batches=2, micro_batch_size=4, lr=1e-12,
+                                   weight_decay=0.0, rollout_correction="token")
+    assert metrics["train/skipped_updates"] == 0.0
+    assert metrics["train/ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["train/clip_frac"] == 0.0
+    assert metrics["train/correction/logp_gap_max"] < 1e-4
+    assert metrics["train/correction/weight_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- KL in the reward
+def test_kl_in_reward_shapes_advantages_but_not_the_zero_variance_test(tmp_path):
+    """r'_i = r_i − β Σ_t (log π_rollout − log π_ref): the logged reward is the task's, the penalty is logged beside
+    it, the advantages are those of r', and a group whose TASK rewards are all equal is still dropped (the KL term
+    differs between any two samples and would otherwise hide every group without task signal)."""
+    beta = 0.5
+    history, (rollouts,), (call,), _ = run_grpo(tmp_path, half_constant_reward, ref_seed=1, beta=beta,
+                                                kl_in_reward=True, dynamic_sampling=True)
+    metrics, task = history[0], call["values"]
+    assert metrics["reward/mean"] == pytest.approx(sum(task) / 16, rel=1e-6)
+    ref = tiny_policy(seed=1)
+    with torch.no_grad():
+        seq_kl = [float(sum(r.logprobs) - row_logprobs(ref, r.prompt_ids, r.completion_ids).sum()) for r in rollouts]
+    assert metrics["reward/kl_penalty"] == pytest.approx(beta * sum(seq_kl) / 16, rel=1e-4)
+    constant_groups = [s["constant"] for s in call["samples"][::4]]
+    assert 0 < sum(constant_groups) < 4
+    assert metrics["frac_reward_zero_std"] == sum(constant_groups) / 4
+    advantages = hand_advantages([r - beta * k for r, k in zip(task, seq_kl)], 4, "group")
+    keep = [not s["constant"] for s in call["samples"]]
+    expected = reference_grad_norm(tiny_policy(seed=0), rollouts, advantages, keep, "seq_mean", 12)
+    assert metrics["train/grad_norm"] == pytest.approx(expected, rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------ batch-scaled advantages, 2 ranks
+def test_batch_scaled_advantages_on_two_ranks_use_every_ranks_rewards(tmp_path):
+    """adv_scale: batch divides by the std of the WHOLE step's rewards, which live on two ranks: the first update's
+    gradient is the reference gradient of all 16 rollouts with that global std (not each rank's own)."""
+    fields = {**TINY, "adv_scale": "batch"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "dist_scripts" / "recorded_grpo_run.py"), str(tmp_path),
+                           json.dumps(fields)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    rollouts = [Rollout(**r) for rank in ranks for r in rank["rollouts"]]  # rank 0's rows first, as all_gather
+    assert len(rollouts) == 16
+    rewards = lowercase_reward([r.text for r in rollouts], [])
+    advantages = hand_advantages(rewards, 4, "batch")
+    expected = reference_grad_norm(tiny_policy(seed=0), rollouts, advantages, [True] * 16, "seq_mean", 12)
+    for rank in ranks:
+        assert rank["history"][0]["train/grad_norm"] == pytest.approx(expected, rel=1e-4)
+    own_std = hand_advantages(rewards[:8], 4, "batch") + hand_advantages(rewards[8:], 4, "batch")
+    if_local = reference_grad_norm(tiny_policy(seed=0), rollouts, own_std, [True] * 16, "seq_mean", 12)
+    assert abs(if_local - expected) > 0.01 * expected  # the test can tell the two apart
+
+
+# ------------------------------------------------------------------------------------ ReasoningNER's combination
+def reasoningner_algorithm() -> dict:
+    """The preset's algorithm fields (μ, mini-batches, TIS, Dr. GRPO loss, β, clip range, AdamW, schedule)."""
+    import yaml
+
+    preset = yaml.safe_load((ROOT / "configs" / "grpo_qwen3-8b_reasoningner.yaml").read_text())
+    keys = ("mu", "num_mini_batches", "micro_batch_size", "rollout_correction", "rollout_correction_mode",
+            "rollout_correction_threshold", "loss_agg", "adv_scale", "beta", "kl_estimator", "eps_low", "eps_high",
+            "beta1", "beta2", "weight_decay", "warmup_ratio", "lr_scheduler", "max_grad_norm")
+    return {k: preset[k] for k in keys}
+
+
+def test_reasoningner_combination_runs_three_steps_and_resumes_identically(tmp_path):
+    algorithm = reasoningner_algorithm()
+    assert (algorithm["mu"], algorithm["num_mini_batches"], algorithm["loss_agg"]) == (4, 4, "constant")
+    lr = 1e-2  # not the preset's 1e-6: the weights and AdamW state must move for the resume check to mean anything
+    run = dict(algorithm, lr=lr, total_steps=3, save_every=1, keep_last=3, resume="auto")
+    straight, _, _, policy = run_grpo(tmp_path, **run)
+    assert [h["step"] for h in straight] == [1, 2, 3]
+    assert all(h["train/skipped_updates"] == 0.0 for h in straight)
+    assert all(k in straight[-1] for k in ("train/kl", "train/correction/weight_mean", "train/clip_frac_high"))
+    updates_per_step = algorithm["mu"] * algorithm["num_mini_batches"]
+    total = 3 * updates_per_step
+    optimizer = torch.load(tmp_path / "checkpoint-0000003" / "optimizer.pt", weights_only=True)
+    assert {float(s["step"]) for s in optimizer["state"].values()} == {float(total)}
+    warmup = math.ceil(algorithm["warmup_ratio"] * total)
+    for h in straight:  # the lr after step s: cosine over all μ × mini-batches × steps updates, after warmup
+        progress = (h["step"] * updates_per_step - warmup) / (total - warmup)
+        assert h["lr"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-6, abs=1e-12)
+    final = {n: p.detach().clone() for n, p in policy.named_parameters()}
+
+    shutil.rmtree(tmp_path / "checkpoint-0000003")  # as if the run had stopped after step 2
+    resumed, _, _, policy = run_grpo(tmp_path, **run)
+    assert [h["step"] for h in resumed] == [3]
+    for key, value in straight[-1].items():
+        if not key.startswith("time/") and key != "tokens_per_s":
+            assert resumed[0][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    for name, param in policy.named_parameters():
+        torch.testing.assert_close(param.detach(), final[name], rtol=0, atol=1e-7, msg=name)
