@@ -88,8 +88,10 @@ def test_dynamic_sampling_drops_zero_variance_groups_from_the_gradient(tmp_path,
 @pytest.mark.parametrize("mask_truncated", [True, False])
 def test_overlong_penalty_and_truncation_mask(tmp_path, mask_truncated):
     """With a constant task reward the only signal is DAPO's overlong penalty: a completion's advantage is its
-    penalty minus its group's mean penalty (Dr. GRPO scaling), so long ones are pushed down. With mask_truncated,
-    completions cut at max_completion_len add nothing to the loss or its normaliser."""
+    penalty minus its group's mean penalty (Dr. GRPO scaling), so long ones are pushed down. The trainer's
+    advantages are checked through the two things they drive: the on-policy token-mean loss −Σ A_i|o_i| / Σ|o_i|
+    and the gradient Σ_i −A_i ∇log π(o_i) / Σ|o_i| (a wrong sign or size on any row changes its norm). With
+    mask_truncated, completions cut at max_completion_len add nothing to the loss or its normaliser."""
     max_len, buffer, factor = 12, 6, 0.5
     history, (rollouts,), (call,), _ = run_grpo(
         tmp_path, lambda completions, samples: [1.0] * len(completions), overlong_buffer=buffer,
@@ -102,11 +104,9 @@ def test_overlong_penalty_and_truncation_mask(tmp_path, mask_truncated):
     assert history[0]["reward/mean"] == pytest.approx(1.0 + sum(penalties) / 16, rel=1e-6)
     assert history[0]["reward/r"] == 1.0  # the task reward is logged without the penalty
 
+    # A_i = p_i − mean of its group's p: negative for the group's longer completions, positive for its shorter.
     advantages = hand_advantages([1.0 + p for p in penalties], 4, "none")
-    longest = max(range(16), key=lambda i: (lengths[i], -advantages[i]))
-    group = slice(longest - longest % 4, longest - longest % 4 + 4)
-    assert advantages[longest] == pytest.approx(penalties[longest] - sum(penalties[group]) / 4)
-    assert advantages[longest] < 0  # the seed's longest completion does not share its group with three as long
+    assert sum(a != 0 for a in advantages) >= 4  # some groups carry a penalty signal
     keep = [not (mask_truncated and t) for t in truncated]
     # On-policy, ratio = 1: the token-mean loss is −Σ A_i |o_i| / Σ |o_i| over the kept rows.
     expected_loss = -sum(a * n for a, n, k in zip(advantages, lengths, keep) if k) / sum(
