@@ -23,6 +23,7 @@ from ner.data import load_ner_dataset
 from ner.evaluation import make_eval_fn
 from ner.headroom import keep_disagreeing_prompts
 from ner.prompts import build_prompts, limit_empty_answers
+from ner.recipe import default_stop, recipe_files, recipe_for_training, set_stop_strings
 from ner.rewards import build_reward_fns
 
 
@@ -99,7 +100,12 @@ def main(argv: list[str] | None = None) -> None:
                            cfg.k_shot, cfg.prompt_seed, cfg.max_completion_len, cfg.data_dir,
                            stop=cfg.stop or None) if cfg.eval_limit > 0 else None
 
-    train(cfg, policy, tokenizer, prompts, reward_fns, info, engine, ref_model=ref_model, eval_fn=eval_fn)
+    # The prompt recipe goes into every checkpoint, the stop string into its generation_config.json (predict.py).
+    recipe = recipe_for_training(cfg.format, cfg.dataset, cfg.split, cfg.data_dir, cfg.k_shot, cfg.prompt_seed,
+                                 default_stop(cfg.format, cfg.stop), cfg.max_completion_len, "grpo", prompts)
+    set_stop_strings(policy, recipe)
+    train(cfg, policy, tokenizer, prompts, reward_fns, info, engine, ref_model=ref_model, eval_fn=eval_fn,
+          extra_files=recipe_files(recipe))
     cleanup()
 
 

@@ -20,6 +20,7 @@ from grpo.config import option as _f
 from grpo.models import load_model_and_tokenizer
 from grpo.sft import SFTConfig, tokenize_pairs, train_sft
 from ner.prompts import limit_empty_answers
+from ner.recipe import default_stop, recipe_files, recipe_for_training, set_stop_strings
 from ner.sft_data import read_cot_records, sft_pairs
 
 
@@ -74,12 +75,16 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, info.device)
     records = limit_empty_answers(read_cot_records(cfg.data), cfg.max_empty_ratio, cfg.seed)
     rows, dropped = tokenize_pairs(tokenizer, sft_pairs(records, tokenizer), cfg.max_len)
+    # The prompt recipe goes into every checkpoint, the stop string into its generation_config.json (predict.py).
+    recipe = recipe_for_training(cfg.format, cfg.dataset, cfg.split, cfg.data_dir, cfg.k_shot, cfg.prompt_seed,
+                                 default_stop(cfg.format), 256, "sft", records)
+    set_stop_strings(model, recipe)
     if info.rank == 0:
         print(f"sft data: {len(records)} accepted CoT records from {cfg.data}; {dropped} longer than "
               f"max_len={cfg.max_len} dropped", file=sys.stderr)
         save_config(cfg, Path(cfg.out_dir) / "config.yaml")
     model = shard_model(model, info)
-    state = train_sft(cfg, model, tokenizer, rows, info)
+    state = train_sft(cfg, model, tokenizer, rows, info, extra_files=recipe_files(recipe))
     cleanup()
     return state
 

@@ -162,8 +162,10 @@ def policy_update(policy, optimizer, scheduler, batch: RolloutBatch, advantages:
 
 def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dict],
           reward_fns: list[tuple[str, float, RewardFn]], info: DistInfo, engine, ref_model=None,
-          eval_fn: Callable[[int], dict[str, float]] | None = None) -> list[dict]:
-    """Run ``cfg.total_steps`` GRPO steps; returns the per-step metrics (also logged). See the module docstring."""
+          eval_fn: Callable[[int], dict[str, float]] | None = None,
+          extra_files: dict[str, str] | None = None) -> list[dict]:
+    """Run ``cfg.total_steps`` GRPO steps; returns the per-step metrics (also logged). See the module docstring.
+    ``extra_files`` ({name: text}, e.g. the task's prompt recipe) go into every checkpoint folder."""
     cfg.validate(info.world_size)
     if cfg.beta > 0 and ref_model is None:
         raise ValueError("beta > 0 needs a reference model (pass ref_model); beta = 0 never builds one")
@@ -274,7 +276,8 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
             logger.scalars(step + 1, {f"eval/{k}": v for k, v in eval_fn(step + 1).items()})
         if done or (step + 1) % cfg.save_every == 0 or stop_requested():
             save_checkpoint(run_dir, step + 1, policy, tokenizer, optimizer, scheduler,
-                            {"step": step + 1, "config": config_to_yaml(cfg)}, cfg.keep_last, info)
+                            {"step": step + 1, "config": config_to_yaml(cfg)}, cfg.keep_last, info,
+                            extra_files=extra_files)
         if stop_requested():
             logger.note(f"SIGTERM: saved step {step + 1} and stopped")
             break
