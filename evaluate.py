@@ -28,8 +28,9 @@ class EvalConfig:
     dataset: list[str] = list_option(["conll2003"], "one or more registered names or data files (comma-separated)")
     split: str = _f("test", "split to evaluate")
     limit: int = _f(500, "first N sentences of each dataset (0 = all)")
-    format: str = _f("tagged", "tagged (one prompt per type) | json (all types at once)")
-    k_shot: int = _f(2, "few-shot examples per prompt, from the train split")
+    format: str = _f("", "tagged (one prompt per type) | json (all types at once); default: the checkpoint's "
+                         "prompt_recipe.json, else tagged")
+    k_shot: int = _f(-1, "few-shot examples per prompt, from the train split; -1: the recipe's, else 2")
     prompt_seed: int = _f(0, "seed of the few-shot example choice")
     max_new_tokens: int = _f(256, "generation budget per answer")
     temperature: float = _f(0.0, "0 = greedy")
@@ -67,7 +68,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     from grpo.engine_factory import build_engine
     from grpo.models import load_model_and_tokenizer
     from ner.evaluation import evaluate_dataset
+    from ner.recipe import evaluation_settings
 
+    cfg.format, cfg.k_shot, stop, descriptions, note = evaluation_settings(cfg.model, cfg.format, cfg.k_shot)
+    print(f"prompt: {note}", file=sys.stderr)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, device)
     model.eval()
@@ -79,7 +83,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         t0 = time.perf_counter()
         report, rows, sentences = evaluate_dataset(
             engine, tokenizer, name, cfg.split, cfg.limit, cfg.format, cfg.k_shot, cfg.prompt_seed,
-            cfg.max_new_tokens, cfg.data_dir, mode=cfg.match, batch_size=cfg.batch_size, temperature=cfg.temperature)
+            cfg.max_new_tokens, cfg.data_dir, stop=stop, mode=cfg.match, batch_size=cfg.batch_size,
+            temperature=cfg.temperature, descriptions=descriptions)
         seconds = time.perf_counter() - t0
         table = format_table(report)
         # report.per_type is keyed by the dataset's schema, in its order: the types the protocols score.

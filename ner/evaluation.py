@@ -90,10 +90,12 @@ def score_answers(records: list[dict], completions: list[str], types: list[str],
 def evaluate_dataset(engine, tokenizer, dataset: str, split: str, limit: int, fmt: str, k_shot: int,
                      prompt_seed: int, max_new_tokens: int, data_dir: str | None = None,
                      stop: list[str] | None = None, mode: str = "exact", batch_size: int = 32,
-                     temperature: float = 0.0,
-                     progress: bool = True) -> tuple[NERReport, list[dict], list[dict]]:
-    """Generate on the first ``limit`` sentences and score: ``score_sentences``'s report, rows, sentences."""
+                     temperature: float = 0.0, progress: bool = True,
+                     descriptions: dict[str, str] | None = None) -> tuple[NERReport, list[dict], list[dict]]:
+    """Generate on the first ``limit`` sentences and score: ``score_sentences``'s report, rows, sentences.
+    ``descriptions`` (a checkpoint recipe's) replace the data set's for the types both have."""
     data = load_ner_dataset(dataset, split, data_dir)
+    data.descriptions = {**data.descriptions, **{t: d for t, d in (descriptions or {}).items() if t in data.types}}
     if limit:
         data.sentences = data.sentences[:limit]
     pool = load_ner_dataset(dataset, "train", data_dir) if k_shot else None

@@ -60,7 +60,7 @@ def read_inputs(text: str = "", path: str = "", stdin=None) -> list[dict]:
         else:
             row = {"text": line, "line": n}
         if not tokenize(row["text"]):
-            raise PredictInputError(f"{name}, line {n}: no words in the text")
+            raise PredictInputError(f"{name}, line {n}: empty text")
         rows.append(row)
     if not rows:
         raise PredictInputError(f"{name}: no sentences in it")

@@ -156,6 +156,23 @@ def set_stop_strings(model, recipe: dict) -> None:
         model.generation_config.stop_strings = list(recipe["stop"])
 
 
+def evaluation_settings(model_spec: str, fmt: str, k_shot: int) -> tuple[str, int, list[str] | None,
+                                                                     dict[str, str] | None, str]:
+    """(format, k_shot, stop, descriptions, a note) for evaluating ``model_spec``: an empty ``fmt`` / negative
+    ``k_shot`` takes the checkpoint recipe's (else tagged / 2). When the format is the recipe's, its stop strings
+    and type descriptions apply too (None: the data set's own)."""
+    stored = read_recipe(model_spec)
+    if stored is None:
+        fmt, k_shot = fmt or "tagged", 2 if k_shot < 0 else k_shot
+        return fmt, k_shot, None, None, f"format {fmt}, k_shot {k_shot} (the model has no {RECIPE_FILE})"
+    recipe, path = stored
+    given = [name for name, value in (("format", fmt), ("k_shot", k_shot >= 0)) if value]
+    fmt, k_shot = fmt or recipe["format"], recipe["k_shot"] if k_shot < 0 else k_shot
+    same = fmt == recipe["format"]
+    note = (f"format {fmt}, k_shot {k_shot} from {path}" + (f" ({' and '.join(given)} given)" if given else ""))
+    return fmt, k_shot, (recipe["stop"] or None) if same else None, recipe["descriptions"] if same else None, note
+
+
 def read_recipe(model_spec: str) -> tuple[dict, Path] | None:
     """(recipe, its path) of a model spec that resolves to a folder holding ``prompt_recipe.json``, else None."""
     from grpo.models import resolve_model_path
