@@ -320,3 +320,22 @@ def test_sentence_argument_is_found_between_options():
         "--show_reasoning", "--k_shot=0", "--text", "Hi"]
     assert split_sentence_argument(["--show_reasoning", "false", "Hi"]) == ["--show_reasoning", "false",
                                                                              "--text", "Hi"]
+
+
+def test_evaluate_takes_format_and_descriptions_from_the_recipe(tiny_run, tmp_path, capsys):
+    """evaluate.py without --format/--k_shot on the tiny checkpoint: the recipe's tagged zero-shot prompt with its
+    own type descriptions (not the data file's generic ones) is the one the model answers by heart: F1 = 1."""
+    import evaluate
+
+    root, _ = tiny_run
+    data = tmp_path / "gold.jsonl"
+    data.write_text(json.dumps({"tokens": TRAIN_TOKENS, "entities": [
+        {"type": "person", "start": 0, "end": 1}, {"type": "person", "start": 2, "end": 3},
+        {"type": "location", "start": 8, "end": 11}]}) + "\n")
+    results = evaluate.main(["--model", str(root / "run"), "--dataset", str(data), "--max_new_tokens", "60",
+                             "--out_dir", str(tmp_path / "eval"), "--batch_size", "2"])
+    assert f"format tagged, k_shot 0 from {root / 'run' / 'checkpoint-0000150' / RECIPE_FILE}" in \
+        capsys.readouterr().err
+    assert results[str(data)]["report"]["f1"] == 1.0
+    saved = json.loads((tmp_path / "eval" / "report.json").read_text())["config"]
+    assert (saved["format"], saved["k_shot"]) == ("tagged", 0)
