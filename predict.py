@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         recipe, notes = prompt_setup(cfg.model, cfg.labels, cfg.prompt_format, cfg.k_shot, cfg.max_new_tokens,
                                      cfg.data_dir)
         inputs = read_inputs(cfg.text, cfg.input, sys.stdin)
-    except (ConfigError, PredictInputError, RecipeError, SchemaError) as err:
+    except (ConfigError, PredictInputError, RecipeError, SchemaError, FileNotFoundError) as err:
         print(f"predict.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     for line in notes:

@@ -136,7 +136,7 @@ def predict_sentences(engine, tokenizer, recipe: dict, inputs: list[dict], batch
             reasoning.append({"types": records[j]["types"], "think": parsed.think, "completion": completions[j]})
         entities, result["ungrounded"] = ground_entities(row["text"], tokens[i], pred, recipe["types"], occurrences)
         result["entities"] = entities
-        result["_tokens"] = tokens[i]
+        result["_tokens"] = tokens[i]  # for write_bio; writers leave "_" keys out
         if show_reasoning:
             result["reasoning"] = reasoning
         out.append(result)

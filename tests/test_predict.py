@@ -339,3 +339,19 @@ def test_evaluate_takes_format_and_descriptions_from_the_recipe(tiny_run, tmp_pa
     assert results[str(data)]["report"]["f1"] == 1.0
     saved = json.loads((tmp_path / "eval" / "report.json").read_text())["config"]
     assert (saved["format"], saved["k_shot"]) == ("tagged", 0)
+
+
+@pytest.mark.vllm
+def test_predict_with_the_vllm_engine_answers_as_the_torch_engine():
+    """--engine vllm goes through grpo.engine_factory like torch; greedy answers of the same prompts must agree.
+    Runs in the vLLM venv only (see tests/test_vllm_engine.py)."""
+    from test_vllm_engine import _require_vllm
+
+    import predict
+
+    _require_vllm()
+    args = ["--labels", "person,city", "--max_new_tokens", "12", "--show_reasoning", "Angela Merkel visited Paris."]
+    by_torch = predict.main(args + ["--engine", "torch"])
+    by_vllm = predict.main(args + ["--engine", "vllm"])
+    assert [r["completion"] for r in by_vllm[0]["reasoning"]] == [r["completion"] for r in by_torch[0]["reasoning"]]
+    assert by_vllm[0]["entities"] == by_torch[0]["entities"]
