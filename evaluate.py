@@ -34,8 +34,9 @@ class EvalConfig:
     split: str = _f("", "split to evaluate of a registered data set or a folder of train/dev/test files "
                         "(empty = test); a single data file is scored whole and takes no split")
     limit: int = _f(0, "first N sentences of each dataset (0 = all); the output says how many of how many")
-    format: str = _f("tagged", "tagged (one prompt per type) | json (all types at once)")
-    k_shot: int = _f(2, "few-shot examples per prompt, from the train split (see --fewshot_data)")
+    format: str = _f("", "tagged (one prompt per type) | json (all types at once); default: the checkpoint's "
+                         "prompt_recipe.json, else tagged")
+    k_shot: int = _f(-1, "few-shot examples per prompt (see --fewshot_data); -1: the checkpoint recipe's, else 2")
     fewshot_data: str = _f("", "where few-shot examples come from: a registered name or folder (its train split) "
                                "or a data file; empty = the evaluated data set's train split. A single data file "
                                "needs it (or --k_shot 0): examples never come from the scored file")
@@ -59,7 +60,7 @@ class EvalConfig:
     def validate(self) -> None:
         from grpo.grpo_config import dtype_problems
 
-        problems = format_problems(self.format) + dtype_problems(self.dtype)
+        problems = (format_problems(self.format) if self.format else []) + dtype_problems(self.dtype)  # "": recipe
         try:
             protocol_names(self.protocol)
         except ValueError as exc:
@@ -68,9 +69,11 @@ class EvalConfig:
             problems.append(f"match={self.match!r}: expected one of {', '.join(MATCH_MODES)}")
         if self.engine not in ("torch", "vllm", "auto"):
             problems.append(f"engine={self.engine!r}: expected torch | vllm | auto")
-        for name in ("limit", "k_shot", "samples"):
+        for name in ("limit", "samples"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be ≥ 0")
+        if self.k_shot < -1:
+            problems.append(f"k_shot={self.k_shot} must be ≥ 0 (or -1: the checkpoint recipe's)")
         for name in ("max_new_tokens", "batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be ≥ 1")
@@ -123,7 +126,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     from grpo.models import load_model_and_tokenizer
     from ner.data import load_ner_dataset
     from ner.evaluation import evaluate_dataset, load_eval_data
+    from ner.recipe import evaluation_settings
 
+    cfg.format, cfg.k_shot, stop, descriptions, note = evaluation_settings(cfg.model, cfg.format, cfg.k_shot)
+    print(f"prompt: {note}", file=sys.stderr)
     for name in cfg.dataset:  # every data problem surfaces before the model loads
         load_eval_data(name, cfg.split, cfg.limit, cfg.k_shot, cfg.data_dir, cfg.fewshot_data, cfg.label_map)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,8 +143,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         t0 = time.perf_counter()
         report, rows, sentences = evaluate_dataset(
             engine, tokenizer, name, cfg.split, cfg.limit, cfg.format, cfg.k_shot, cfg.prompt_seed,
-            cfg.max_new_tokens, cfg.data_dir, mode=cfg.match, batch_size=cfg.batch_size, temperature=cfg.temperature,
-            fewshot_data=cfg.fewshot_data, label_map=cfg.label_map)
+            cfg.max_new_tokens, cfg.data_dir, stop=stop, mode=cfg.match, batch_size=cfg.batch_size,
+            temperature=cfg.temperature, fewshot_data=cfg.fewshot_data, label_map=cfg.label_map,
+            descriptions=descriptions)
         seconds = time.perf_counter() - t0
         table = format_table(report)
         # report.per_type is keyed by the dataset's schema, in its order: the types the protocols score.

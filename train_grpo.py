@@ -27,6 +27,7 @@ from ner.config_checks import dataset_problems, format_problems, reward_problems
 from ner.evaluation import make_eval_fn
 from ner.headroom import keep_disagreeing_prompts
 from ner.prompts import build_prompts, limit_empty_answers
+from ner.recipe import default_stop, recipe_files, recipe_for_training, set_stop_strings
 from ner.rewards import PRESETS, build_reward_fns
 from ner.user_data import is_single_file, load_user_dataset
 
@@ -144,8 +145,12 @@ def main(argv: list[str] | None = None) -> None:
                            stop=cfg.stop or None, fewshot_data=eval_fewshot,
                            label_map=cfg.label_map) if cfg.eval_limit > 0 else None
 
+    # The prompt recipe goes into every checkpoint, the stop string into its generation_config.json (predict.py).
+    recipe = recipe_for_training(cfg.format, cfg.dataset, cfg.split, cfg.data_dir, cfg.k_shot, cfg.prompt_seed,
+                                 default_stop(cfg.format, cfg.stop), cfg.max_completion_len, "grpo", prompts)
+    set_stop_strings(policy, recipe)
     train(cfg, policy, tokenizer, prompts, reward_fns, info, engine, ref_model=ref_model, eval_fn=eval_fn,
-          run_plan=plan)
+          run_plan=plan, extra_files=recipe_files(recipe))
     cleanup()
 
 

@@ -24,6 +24,7 @@ from grpo.run_dir import plan_run
 from grpo.sft import SFTConfig, tokenize_pairs, train_sft
 from ner.config_checks import dataset_problems, format_problems
 from ner.prompts import limit_empty_answers
+from ner.recipe import default_stop, recipe_files, recipe_for_training, set_stop_strings
 from ner.sft_data import read_cot_records, sft_pairs
 
 
@@ -97,11 +98,15 @@ def main(argv: list[str] | None = None) -> dict:
     # fp32 master weights, compute in cfg.dtype (grpo.distributed.shard_trainable)
     model, tokenizer = load_model_and_tokenizer(cfg.model, "float32", info.device)
     rows, dropped = tokenize_pairs(tokenizer, sft_pairs(records, tokenizer), cfg.max_len)
+    # The prompt recipe goes into every checkpoint, the stop string into its generation_config.json (predict.py).
+    recipe = recipe_for_training(cfg.format, cfg.dataset, cfg.split, cfg.data_dir, cfg.k_shot, cfg.prompt_seed,
+                                 default_stop(cfg.format), 256, "sft", records)
+    set_stop_strings(model, recipe)
     if info.rank == 0:
         print(f"sft data: {len(records)} accepted CoT records from {cfg.data}; {dropped} longer than "
               f"max_len={cfg.max_len} dropped", file=sys.stderr)
     model = shard_trainable(model, info, parse_dtype(cfg.dtype))
-    state = train_sft(cfg, model, tokenizer, rows, info, run_plan=plan)
+    state = train_sft(cfg, model, tokenizer, rows, info, run_plan=plan, extra_files=recipe_files(recipe))
     cleanup()
     return state
 

@@ -4,6 +4,7 @@ Layout of ``run_dir/checkpoint-{step:07d}/``::
 
     config.json, generation_config.json, model.safetensors   full weights (HF: from_pretrained(folder) works)
     tokenizer files                                           tokenizer.save_pretrained
+    extra files            the caller's (``extra_files``), e.g. the task's prompt_recipe.json
     optimizer.pt      FULL optimizer state keyed by parameter name (get_optimizer_state_dict, rank 0 writes)
     scheduler.pt      lr scheduler state
     rng_state_rank{R}.pt   python / numpy / torch CPU / CUDA generator states of rank R
@@ -202,7 +203,7 @@ def newest_valid_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tupl
 
 
 def _write_rank0_files(tmp: Path, model: nn.Module, weights: dict, tokenizer, optim_state: dict | None,
-                       scheduler, state_json: str, config: Any) -> None:
+                       scheduler, state_json: str, config: Any, extra_files: dict[str, str] | None) -> None:
     model.save_pretrained(tmp, state_dict=_share_tied(weights, model))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -213,6 +214,11 @@ def _write_rank0_files(tmp: Path, model: nn.Module, weights: dict, tokenizer, op
     (tmp / "trainer_state.json").write_text(state_json)
     if config is not None:
         (tmp / "config.yaml").write_text(config_to_yaml(config))
+    for name, text in (extra_files or {}).items():
+        if (tmp / name).exists() or Path(name).name != name:
+            raise ValueError(f"extra checkpoint file {name!r}: not a plain file name, or it would replace a file "
+                             f"the checkpoint already wrote")
+        (tmp / name).write_text(text, encoding="utf-8")
     for path in tmp.iterdir():
         if path.is_file() and not path.name.startswith("rng_state_rank"):  # each rank fsyncs its own RNG file
             _fsync_file(path)
@@ -220,14 +226,17 @@ def _write_rank0_files(tmp: Path, model: nn.Module, weights: dict, tokenizer, op
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, tokenizer,
                     optimizer: torch.optim.Optimizer | None, scheduler, trainer_state: dict,
-                    keep_last: int | None = 2, info: DistInfo | None = None, config: Any = None) -> Path:
+                    keep_last: int | None = 2, info: DistInfo | None = None, config: Any = None,
+                    extra_files: dict[str, str] | None = None) -> Path:
     """Write ``run_dir/checkpoint-{step:07d}`` atomically and return its path (on every rank).
 
     Collective: every rank must call it (FSDP2 gathers are collective; each rank writes its RNG file).
     ``trainer_state`` must be JSON-serialisable (step is added). ``config``: the run's config dataclass, stored
     as ``config.yaml`` and under ``"config"`` in trainer_state.json. ``keep_last``: how many complete checkpoints
     to keep (older steps are deleted after the new one is complete; checkpoints of higher steps are never touched);
-    None keeps all. A checkpoint of the same step that already exists is replaced.
+    None keeps all. A checkpoint of the same step that already exists is replaced. ``extra_files``: {file name:
+    text} written into the folder before COMPLETE (the task's files, e.g. a prompt recipe; a name that clashes with
+    a checkpoint file is refused).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -258,7 +267,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, tokenizer,
     if rank == 0:
         try:
             with report_disk_full(final):
-                _write_rank0_files(tmp, model, weights, tokenizer, optim_state, scheduler, state_json, config)
+                _write_rank0_files(tmp, model, weights, tokenizer, optim_state, scheduler, state_json, config,
+                                   extra_files)
         except Exception as e:  # re-raised below, after telling the other ranks (else they wait forever)
             failure = e
     del weights, optim_state

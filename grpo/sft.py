@@ -330,12 +330,14 @@ def _train_step(model, optimizer, scheduler, data: Sequence[Row], step: int, cfg
             "skipped_nonfinite": float(not finite)}
 
 
-def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[Row], info, run_plan=None) -> dict:
+def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[Row], info, run_plan=None,
+              extra_files: dict[str, str] | None = None) -> dict:
     """Run SFT on already tokenised single-example ``rows``; returns the final trainer state.
 
     ``info`` is the ``grpo.distributed.DistInfo`` of this process; the model must already be on ``info.device``
     (and sharded with ``shard_model`` when distributed). Checkpoints, config.yaml and TensorBoard events go to
     ``cfg.out_dir``. ``run_plan``: ``grpo.run_dir.plan_run(cfg, info)`` if the caller made it before loading models.
+    ``extra_files`` ({name: text}) go into every checkpoint folder.
     """
     from grpo.checkpoint import GracefulExit, load_checkpoint, save_checkpoint
     from grpo.optim import build_optimizer, build_scheduler, set_optimizer_hparams
@@ -382,7 +384,7 @@ def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[
             stopping = stop.should_stop()
             if step == n_steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
                 save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, state, cfg.keep_last, info,
-                                config=cfg)
+                                config=cfg, extra_files=extra_files)
             if stopping:
                 logger.note(f"SIGTERM: saved step {step} and stopped")
                 break

@@ -207,10 +207,12 @@ def policy_update(policy, optimizer, scheduler, batch: RolloutBatch, advantages:
 
 def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dict],
           reward_fns: list[tuple[str, float, RewardFn]], info: DistInfo, engine, ref_model=None,
-          eval_fn: Callable[[int], dict[str, float]] | None = None, run_plan: RunPlan | None = None) -> list[dict]:
+          eval_fn: Callable[[int], dict[str, float]] | None = None, run_plan: RunPlan | None = None,
+          extra_files: dict[str, str] | None = None) -> list[dict]:
     """Run ``cfg.total_steps`` GRPO steps; returns the per-step metrics (also logged). See the module docstring.
 
     ``run_plan``: ``grpo.run_dir.plan_run(cfg, info)`` if the caller already made it (before loading models).
+    ``extra_files`` ({name: text}, e.g. the task's prompt recipe) go into every checkpoint folder.
     """
     cfg.validate(info.world_size)
     if cfg.beta > 0 and ref_model is None:
@@ -332,7 +334,7 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
         stopping = stop_requested()  # polled once: a signal between two polls would exit without saving
         if done or (cfg.save_every and (step + 1) % cfg.save_every == 0) or stopping:
             save_checkpoint(run_dir, step + 1, policy, tokenizer, optimizer, scheduler, {}, cfg.keep_last, info,
-                            config=cfg)
+                            config=cfg, extra_files=extra_files)
         if stopping:
             logger.note(f"SIGTERM: saved step {step + 1} and stopped")
             break

@@ -105,9 +105,12 @@ def evaluate_dataset(engine, tokenizer, dataset: str, split: str, limit: int, fm
                      prompt_seed: int, max_new_tokens: int, data_dir: str | None = None,
                      stop: list[str] | None = None, mode: str = "exact", batch_size: int = 32,
                      temperature: float = 0.0, progress: bool = True, fewshot_data: str = "",
-                     label_map: dict[str, str] | None = None) -> tuple[NERReport, list[dict], list[dict]]:
-    """Generate on the first ``limit`` sentences and score: ``score_sentences``'s report, rows, sentences."""
+                     label_map: dict[str, str] | None = None, descriptions: dict[str, str] | None = None
+                     ) -> tuple[NERReport, list[dict], list[dict]]:
+    """Generate on the first ``limit`` sentences and score: ``score_sentences``'s report, rows, sentences.
+    ``descriptions`` (a checkpoint recipe's) replace the data set's for the types both have."""
     data, pool = load_eval_data(dataset, split, limit, k_shot, data_dir, fewshot_data, label_map)
+    data.descriptions = {**data.descriptions, **{t: d for t, d in (descriptions or {}).items() if t in data.types}}
     records = build_prompts(data, fmt, k_shot=k_shot, seed=prompt_seed, fewshot_pool=pool)
     completions = generate_completions(engine, tokenizer, records, max_new_tokens, temperature=temperature,
                                        stop=stop if stop is not None else STOP[fmt], batch_size=batch_size,

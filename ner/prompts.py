@@ -141,11 +141,13 @@ def _user_message(dataset: NERDataset, fmt: str, types: list[str], sentence: Sen
 
 
 def build_prompts(dataset: NERDataset, fmt: str, k_shot: int = 2, seed: int = 0,
-                  fewshot_pool: NERDataset | None = None, types: list[str] | None = None) -> list[dict]:
+                  fewshot_pool: NERDataset | None = None, types: list[str] | None = None,
+                  fixed_examples: dict[str, list[Sentence]] | None = None) -> list[dict]:
     """One record per (sentence, type) for ``tagged``, one per sentence for ``json``; see the module docstring.
 
     ``fewshot_pool`` (normally the train split) is required when ``k_shot > 0``. ``types`` defaults to the
-    dataset's schema and must be a subset of it.
+    dataset's schema and must be a subset of it. ``fixed_examples`` (``pick_fewshot``'s output, keyed by
+    ``group_key``) replaces the per-sentence draw: every sentence then shows the same examples (predict.py).
     """
     _check_format(fmt)
     types = list(dataset.types if types is None else types)
@@ -155,10 +157,10 @@ def build_prompts(dataset: NERDataset, fmt: str, k_shot: int = 2, seed: int = 0,
                          f"{dataset.types}")
     if k_shot < 0:
         raise ValueError(f"k_shot must be >= 0, got {k_shot}")
-    if k_shot > 0 and fewshot_pool is None:
+    if k_shot > 0 and fewshot_pool is None and fixed_examples is None:
         raise ValueError(f"k_shot={k_shot} needs a fewshot_pool (normally the train split)")
-    sampler = _FewShotSampler(fewshot_pool, seed) if k_shot > 0 else None
-    groups = [[t] for t in types] if fmt == "tagged" else [types]
+    sampler = _FewShotSampler(fewshot_pool, seed) if k_shot > 0 and fixed_examples is None else None
+    groups = prompt_groups(fmt, types)
 
     records = []
     for index, sentence in enumerate(dataset.sentences):
@@ -166,7 +168,10 @@ def build_prompts(dataset: NERDataset, fmt: str, k_shot: int = 2, seed: int = 0,
         full_gold = sentence.gold(types)
         for asked in groups:
             gold = {t: (_dedupe if fmt == "tagged" else list)(full_gold.get(t, [])) for t in asked}
-            examples = sampler.pick(k_shot, sentence, sentence_id, asked) if sampler else []
+            if fixed_examples is not None:
+                examples = fixed_examples[group_key(asked)][:k_shot]
+            else:
+                examples = sampler.pick(k_shot, sentence, sentence_id, asked) if sampler else []
             records.append({
                 "messages": [{"role": "system", "content": _SYSTEM[fmt]},
                              {"role": "user", "content": _user_message(dataset, fmt, asked, sentence, examples)}],
@@ -178,6 +183,26 @@ def build_prompts(dataset: NERDataset, fmt: str, k_shot: int = 2, seed: int = 0,
                 "sentence": sentence.text,
             })
     return records
+
+
+def group_key(types: list[str]) -> str:
+    """Name of one prompt's asked types: the type itself (tagged) or all of them joined by "|" (json)."""
+    return "|".join(types)
+
+
+def prompt_groups(fmt: str, types: list[str]) -> list[list[str]]:
+    """The asked types of each prompt of one sentence: one type per prompt (tagged), all at once (json)."""
+    _check_format(fmt)
+    return [[t] for t in types] if fmt == "tagged" else [list(types)]
+
+
+def pick_fewshot(pool: NERDataset, fmt: str, types: list[str], k_shot: int, seed: int = 0,
+                 sentence_id: str = "prompt_recipe") -> dict[str, list[Sentence]]:
+    """``k_shot`` examples per prompt group (keyed by ``group_key``), drawn from ``pool`` exactly as
+    ``build_prompts`` draws them for a sentence with id ``sentence_id``: a fixed set to store with a model."""
+    sampler = _FewShotSampler(pool, seed)
+    placeholder = Sentence(tokens=[], id=sentence_id)
+    return {group_key(g): sampler.pick(k_shot, placeholder, sentence_id, g) for g in prompt_groups(fmt, types)}
 
 
 def limit_empty_answers(records: list[dict], max_ratio: float, seed: int = 0) -> list[dict]:

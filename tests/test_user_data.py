@@ -100,9 +100,12 @@ def test_label_map_renames_a_files_types_and_gives_them_known_descriptions(tmp_p
 
 def test_cli_checks_user_data_before_loading_the_model(tmp_path):
     test = str(write(tmp_path / "test.txt", TEST))
-    # The model does not exist: the data error is what is reported, so it came first.
+    # The model folder passes the path check but holds no model, so loading it would fail: the data error is what is reported,
+    # so it came first.
+    (tmp_path / "empty_model").mkdir()
+    (tmp_path / "empty_model" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="would come from that very file"):
-        evaluate.main(["--model", str(tmp_path / "no_such_model"), "--dataset", test, "--out_dir", str(tmp_path)])
+        evaluate.main(["--model", str(tmp_path / "empty_model"), "--dataset", test, "--out_dir", str(tmp_path)])
 
 
 def test_cli_scores_a_label_mapped_file_with_examples_from_the_named_file(tmp_path):
