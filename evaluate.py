@@ -43,6 +43,8 @@ class EvalConfig:
     label_map: dict[str, str] = _dict({}, "rename a data file's types to the names the model knows, e.g. "
                                           "PER=person,LOC=location,ORG=organisation,MISC=misc (they then get "
                                           "those names' descriptions); registered data sets are never renamed")
+    schema: str = _f("", "a .yaml/.json file of `type: description` (ner/schema.py): the descriptions the prompt "
+                         "shows for your data's types, over the data set's and the checkpoint recipe's")
     prompt_seed: int = _f(0, "seed of the few-shot example choice")
     max_new_tokens: int = _f(256, "generation budget per answer")
     temperature: float = _f(0.0, "0 = greedy")
@@ -99,6 +101,8 @@ class EvalConfig:
         problems = []
         for name in self.dataset:
             problems += dataset_problems("dataset", name, self.split or "test", self.data_dir)
+        if self.schema and not Path(self.schema).is_file():
+            problems.append(f"schema={self.schema}: no such file")
         try:
             check_model_spec(self.model)
         except UserError as exc:
@@ -117,6 +121,15 @@ def main(argv: list[str] | None = None) -> dict:
     return evaluate(cfg)
 
 
+def with_schema(descriptions: dict[str, str] | None, schema: str) -> dict[str, str] | None:
+    """The type descriptions the prompts show: the checkpoint recipe's, overridden by a ``--schema`` file's."""
+    if not schema:
+        return descriptions
+    from ner.schema import read_schema_file
+
+    return {**(descriptions or {}), **read_schema_file(schema).descriptions}
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Generate, score and write report.json / report.md for every dataset of ``cfg``."""
     import torch  # here, not at the top, so that --compare never imports torch or transformers
@@ -129,6 +142,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     from ner.recipe import evaluation_settings
 
     cfg.format, cfg.k_shot, stop, descriptions, note = evaluation_settings(cfg.model, cfg.format, cfg.k_shot)
+    descriptions = with_schema(descriptions, cfg.schema)
     print(f"prompt: {note}", file=sys.stderr)
     for name in cfg.dataset:  # every data problem surfaces before the model loads
         load_eval_data(name, cfg.split, cfg.limit, cfg.k_shot, cfg.data_dir, cfg.fewshot_data, cfg.label_map)

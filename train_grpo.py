@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     eval_fn = make_eval_fn(engine, tokenizer, cfg.eval_dataset, cfg.eval_split, cfg.eval_limit, cfg.format,
                            cfg.k_shot, cfg.prompt_seed, cfg.max_completion_len, cfg.data_dir,
                            stop=cfg.stop or None, fewshot_data=eval_fewshot,
-                           label_map=cfg.label_map) if cfg.eval_limit > 0 else None
+                           label_map=cfg.label_map, max_prompt_len=cfg.max_prompt_len
+                           ) if cfg.eval_limit > 0 else None
 
     # The prompt recipe goes into every checkpoint, the stop string into its generation_config.json (predict.py).
     recipe = recipe_for_training(cfg.format, cfg.dataset, cfg.split, cfg.data_dir, cfg.k_shot, cfg.prompt_seed,

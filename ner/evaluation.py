@@ -9,6 +9,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from grpo.distributed import all_gather_objects, get_rank, get_world_size
 from ner.metrics import NERReport, score_corpus
 from ner.parsing import Parsed, parse_completion
 from ner.prompts import build_prompts, render_prompt
@@ -19,19 +20,51 @@ from ner.user_data import check_split, load_fewshot_pool, load_user_dataset
 STOP = {"tagged": ["</entity>"], "json": None}
 
 
+def prompt_token_ids(tokenizer, records: list[dict]) -> list[list[int]]:
+    return [tokenizer(render_prompt(tokenizer, r), add_special_tokens=False)["input_ids"] for r in records]
+
+
 def generate_completions(engine, tokenizer, records: list[dict], max_new_tokens: int, temperature: float = 0.0,
                          top_p: float = 1.0, stop: list[str] | None = None, seed: int = 0, batch_size: int = 32,
-                         progress: bool = True) -> list[str]:
-    """One completion per record, in record order, ``batch_size`` prompts per engine call."""
-    prompt_ids = [tokenizer(render_prompt(tokenizer, r), add_special_tokens=False)["input_ids"] for r in records]
-    out: list[str] = []
-    with tqdm(total=len(records), desc="generate", unit="prompt", disable=not progress) as bar:
-        for i in range(0, len(records), batch_size):
-            rollouts = engine.generate(prompt_ids[i:i + batch_size], n=1, max_new_tokens=max_new_tokens,
-                                       temperature=temperature, top_p=top_p, stop=stop, seed=seed + i)
-            out.extend(r.text for r in rollouts)
+                         progress: bool = True, split_over_ranks: bool = False) -> list[str]:
+    """One completion per record, in record order, ``batch_size`` prompts per engine call.
+
+    ``split_over_ranks`` (the trainer's dev evaluation under torchrun): rank r generates records r, r + W, …, and the
+    completions are gathered, so every rank returns all of them. Every rank makes the same number of engine calls
+    (some with no prompts): under FSDP2 each call starts with a collective unshard. A row's sampled tokens depend
+    only on its seed and row, so with ``temperature`` 0 the result is the one a single process gets.
+    """
+    prompt_ids = prompt_token_ids(tokenizer, records)
+    rank, world = (get_rank(), get_world_size()) if split_over_ranks else (0, 1)
+    mine = list(range(rank, len(records), world))
+    calls = -(-len(range(0, len(records), world)) // batch_size)  # rank 0 holds the most records
+    texts: list[str] = []
+    with tqdm(total=len(mine), desc="generate", unit="prompt", disable=not progress or rank != 0) as bar:
+        for c in range(calls):
+            part = mine[c * batch_size:(c + 1) * batch_size]
+            rollouts = engine.generate([prompt_ids[i] for i in part], n=1, max_new_tokens=max_new_tokens,
+                                       temperature=temperature, top_p=top_p, stop=stop,
+                                       seed=seed + c * batch_size * world + rank)
+            texts.extend(r.text for r in rollouts)
             bar.update(len(rollouts))
+    if world == 1:
+        return texts
+    out: list[str] = [""] * len(records)
+    for indices, part_texts in all_gather_objects((mine, texts)):
+        for i, text in zip(indices, part_texts):
+            out[i] = text
     return out
+
+
+def drop_long_sentences(tokenizer, records: list[dict], max_prompt_len: int | None) -> tuple[list[dict], int]:
+    """``records`` without the sentences that have a prompt longer than ``max_prompt_len`` tokens (all of a
+    sentence's prompts go, so that a tagged sentence is never scored on some of its types only), and how many
+    sentences that dropped. None keeps everything."""
+    if max_prompt_len is None:
+        return records, 0
+    lengths = map(len, prompt_token_ids(tokenizer, records))
+    long = {r["sentence_id"] for r, n in zip(records, lengths) if n > max_prompt_len}
+    return [r for r in records if r["sentence_id"] not in long], len(long)
 
 
 def merge_sentences(records: list[dict], completions: list[str], parsed: list[Parsed],
@@ -105,30 +138,41 @@ def evaluate_dataset(engine, tokenizer, dataset: str, split: str, limit: int, fm
                      prompt_seed: int, max_new_tokens: int, data_dir: str | None = None,
                      stop: list[str] | None = None, mode: str = "exact", batch_size: int = 32,
                      temperature: float = 0.0, progress: bool = True, fewshot_data: str = "",
-                     label_map: dict[str, str] | None = None, descriptions: dict[str, str] | None = None
+                     label_map: dict[str, str] | None = None, descriptions: dict[str, str] | None = None,
+                     max_prompt_len: int | None = None, split_over_ranks: bool = False
                      ) -> tuple[NERReport, list[dict], list[dict]]:
     """Generate on the first ``limit`` sentences and score: ``score_sentences``'s report, rows, sentences.
-    ``descriptions`` (a checkpoint recipe's) replace the data set's for the types both have."""
+    ``descriptions`` (a checkpoint recipe's) replace the data set's for the types both have. ``max_prompt_len``:
+    sentences with a longer prompt are left out (``drop_long_sentences``); ``split_over_ranks``: see
+    ``generate_completions``."""
     data, pool = load_eval_data(dataset, split, limit, k_shot, data_dir, fewshot_data, label_map)
     data.descriptions = {**data.descriptions, **{t: d for t, d in (descriptions or {}).items() if t in data.types}}
     records = build_prompts(data, fmt, k_shot=k_shot, seed=prompt_seed, fewshot_pool=pool)
+    records, _ = drop_long_sentences(tokenizer, records, max_prompt_len)
     completions = generate_completions(engine, tokenizer, records, max_new_tokens, temperature=temperature,
                                        stop=stop if stop is not None else STOP[fmt], batch_size=batch_size,
-                                       progress=progress)
+                                       progress=progress, split_over_ranks=split_over_ranks)
     return score_sentences(records, completions, data.types, mode)
 
 
 def make_eval_fn(engine, tokenizer, dataset: str, split: str, limit: int, fmt: str, k_shot: int, prompt_seed: int,
                  max_new_tokens: int, data_dir: str | None = None, stop: list[str] | None = None,
-                 fewshot_data: str = "", label_map: dict[str, str] | None = None) -> Callable[[int], dict[str, float]]:
+                 fewshot_data: str = "", label_map: dict[str, str] | None = None,
+                 max_prompt_len: int | None = None) -> Callable[[int], dict[str, float]]:
     """A plain callable for the trainer: greedy decoding on the first ``limit`` dev sentences → scalar metrics.
-    The data is checked here, so a bad eval set fails before training instead of at the first evaluation."""
-    load_eval_data(dataset, split, limit, k_shot, data_dir, fewshot_data, label_map)
+
+    The data is checked here, so a bad eval set fails before training instead of at the first evaluation. Sentences
+    whose prompt is longer than ``max_prompt_len`` (the training prompts' cut) are left out and counted
+    (``dropped_long``). Under torchrun the ranks share the generation and all return the same metrics.
+    """
+    data, _ = load_eval_data(dataset, split, limit, k_shot, data_dir, fewshot_data, label_map)
 
     def eval_fn(step: int) -> dict[str, float]:
-        report, rows, _ = evaluate_dataset(engine, tokenizer, dataset, split, limit, fmt, k_shot, prompt_seed,
-                                           max_new_tokens, data_dir, stop, progress=False,
-                                           fewshot_data=fewshot_data, label_map=label_map)
+        report, rows, sentences = evaluate_dataset(
+            engine, tokenizer, dataset, split, limit, fmt, k_shot, prompt_seed, max_new_tokens, data_dir, stop,
+            progress=False, fewshot_data=fewshot_data, label_map=label_map, max_prompt_len=max_prompt_len,
+            split_over_ranks=True)
         return {"f1": report.f1, "precision": report.precision, "recall": report.recall,
-                "format_ok": sum(r["format_ok"] for r in rows) / max(len(rows), 1)}
+                "format_ok": sum(r["format_ok"] for r in rows) / max(len(rows), 1),
+                "dropped_long": len(data.sentences) - len(sentences)}
     return eval_fn

@@ -124,7 +124,8 @@ def test_one_grpo_step_of_the_preset(path, preset_runs):
     assert [m["step"] for m in lines if "eval/f1" in m] == [0, 1]  # before training and after the last step
     assert metrics["step"] == 1
     assert {k.removeprefix("reward/") for k in metrics if k.startswith("reward/")} - {"mean", "std"} \
-        == case["rewards"]
+        == case["rewards"] | {"parse_errors"}  # and the parsers' swallowed-exception count
+    assert metrics["reward/parse_errors"] == 0
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert "train/kl" in metrics  # β 0.04 in both presets: a reference model was built and used
 

@@ -204,11 +204,16 @@ def test_scripts_refuse_a_reused_out_dir_before_loading_the_model(tmp_path, scri
     out.mkdir()
     (out / "config.yaml").write_text("seed: 0\n")
     main = importlib.import_module(script).main
-    # The model does not exist: had it been loaded first, the error would be about the model.
+    # The model folder passes the path check but holds no model: had it been loaded first, the error would be
+    # about the model.
+    model = tmp_path / "not-a-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "x.jsonl"
+    data.write_text("")
     with pytest.raises(ConfigError, match="already holds a training run"):
-        main(["--model", str(tmp_path / "no-such-model"), "--out_dir", str(out), "--data", str(tmp_path / "x.jsonl")]
-             if script == "train_sft" else ["--model", str(tmp_path / "no-such-model"), "--out_dir", str(out),
-                                            "--reward_weights", "f1=1"])
+        main(["--model", str(model), "--out_dir", str(out), "--data", str(data)]
+             if script == "train_sft" else ["--model", str(model), "--out_dir", str(out), "--reward_weights", "f1=1"])
 
 
 # ----------------------------------------------------------------------------- SFT: the same rules in grpo.sft

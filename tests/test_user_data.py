@@ -136,3 +136,21 @@ def test_grpo_prompts_and_eval_use_the_label_map_and_never_score_their_own_examp
     with pytest.raises(ValueError, match="would come from that very file"):
         make_eval_fn(None, smollm2_tokenizer, test, "", 1, "json", 1, 0, 8)
     make_eval_fn(None, smollm2_tokenizer, test, "", 1, "json", 1, 0, 8, fewshot_data=train)
+
+
+def test_schema_file_gives_the_descriptions_of_the_users_types(tmp_path):
+    schema = write(tmp_path / "types.yaml", "drug: a medicine or other chemical given to patients\n"
+                                            "person: a human being, named\n")
+    recipe = {"person": "recipe's person", "location": "recipe's location"}
+    assert evaluate.with_schema(recipe, str(schema)) == {  # the file wins where both describe a type
+        "person": "a human being, named", "location": "recipe's location",
+        "drug": "a medicine or other chemical given to patients"}
+    assert evaluate.with_schema(recipe, "") is recipe
+    # A broken schema file is reported before any model loads (this folder passes the path check, fails to load).
+    bad = write(tmp_path / "bad.yaml", "drug: [not, a, description]\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    test = str(write(tmp_path / "test.txt", TEST))
+    with pytest.raises(ValueError, match="bad.yaml"):
+        evaluate.main(["--model", str(tmp_path / "model"), "--dataset", test, "--k_shot", "0", "--schema", str(bad),
+                       "--out_dir", str(tmp_path / "out")])
