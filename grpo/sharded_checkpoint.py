@@ -29,17 +29,35 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from grpo.distributed import is_dist
+
 __all__ = ["DCP_DIR", "save_sharded_state", "load_sharded_state", "export_dtype", "cast_for_export",
            "set_config_dtype"]
 
 DCP_DIR = "distcp"
 
 
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{other name: first name} of every parameter reachable under several names (a tied lm_head)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """{"model": ..., "optim": ...} as (sharded) state dicts keyed by parameter name; DTensors when sharded."""
+    """{"model": ..., "optim": ...} as (sharded) state dicts keyed by parameter name; DTensors when sharded.
+
+    A tied weight appears once (under its first name): DCP would otherwise store the embedding twice.
+    """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    state = {"model": get_model_state_dict(model)}
+    aliases = _tied_aliases(model)
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if k not in aliases}}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     return state
@@ -71,10 +89,12 @@ def load_sharded_state(folder: Path, model: nn.Module, optimizer: torch.optim.Op
     source = folder / DCP_DIR
     state = _state_dicts(model, optimizer)  # the targets: DCP fills them in place, reading only what they need
     try:
-        dcp.load(state, storage_reader=FileSystemReader(source))
+        dcp.load(state, storage_reader=FileSystemReader(source), no_dist=not is_dist())  # no group: plain load
     except (Exception, CheckpointException) as e:  # CheckpointException (a rank's read failed) is a BaseException
         raise error(f"{source}: cannot be read ({_cause(e)}); this checkpoint is damaged -- resume from an older "
                     f"one (--resume <its folder>)") from e
+    for alias, name in _tied_aliases(model).items():
+        state["model"][alias] = state["model"][name]
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])
