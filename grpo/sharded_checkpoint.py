@@ -24,6 +24,7 @@ from here, so a resumed bf16 run continues bit-exactly. ``config.json``'s ``dtyp
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -89,7 +90,9 @@ def load_sharded_state(folder: Path, model: nn.Module, optimizer: torch.optim.Op
     source = folder / DCP_DIR
     state = _state_dicts(model, optimizer)  # the targets: DCP fills them in place, reading only what they need
     try:
-        dcp.load(state, storage_reader=FileSystemReader(source), no_dist=not is_dist())  # no group: plain load
+        with warnings.catch_warnings():  # without a process group, loading in this one process IS the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=FileSystemReader(source), no_dist=not is_dist())
     except (Exception, CheckpointException) as e:  # CheckpointException (a rank's read failed) is a BaseException
         raise error(f"{source}: cannot be read ({_cause(e)}); this checkpoint is damaged -- resume from an older "
                     f"one (--resume <its folder>)") from e
