@@ -128,3 +128,18 @@ def test_a_damaged_shard_is_named(saved, tmp_path):
 def _max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[n][k].float() - b[n][k].float()).abs().max()) for n in a for k in a[n])
+
+
+def test_a_checkpoint_with_a_full_optimizer_file_still_loads_into_a_sharded_model(saved, tmp_path):
+    """The format before distcp/ (and still that of plain processes): full weights + optimizer.pt."""
+    model = tiny_llama(vocab_size=VOCAB, hidden=64, layers=2, heads=4, seed=5)  # fp32, not sharded
+    optimizer = build_optimizer(model, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    scheduler = build_scheduler(optimizer, total_steps=10, warmup_ratio=0.0)
+    lm_step(model, optimizer, scheduler, 0)
+    path = save_checkpoint(tmp_path, 1, model, None, optimizer, scheduler, {})
+    assert (path / "optimizer.pt").is_file() and not (path / "distcp").exists()
+    sharded, sharded_optimizer, sharded_scheduler = bf16_run(saved[4])
+    load_checkpoint(path, sharded, sharded_optimizer, sharded_scheduler, INFO)
+    loaded = D.full_state_dict(sharded)
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    assert _max_diff(adam_state(sharded, sharded_optimizer), adam_state(model, optimizer)) == 0.0
