@@ -72,8 +72,14 @@ def save_sharded_state(folder: Path, model: nn.Module, optimizer: torch.optim.Op
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.save(_state_dicts(model, optimizer), storage_writer=FileSystemWriter(folder / DCP_DIR, sync_files=True))
+    try:
+        dcp.save(_state_dicts(model, optimizer), storage_writer=FileSystemWriter(folder / DCP_DIR, sync_files=True))
+    except CheckpointException as e:
+        # DCP raises it on every rank when any rank failed; it is a BaseException whose str is every rank's
+        # traceback. Re-raise the first failed rank's own error (e.g. OSError: no space left) for callers to handle.
+        raise _first_failure(e) from e
 
 
 def load_sharded_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -103,14 +109,17 @@ def load_sharded_state(folder: Path, model: nn.Module, optimizer: torch.optim.Op
         set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
-def _cause(error: BaseException) -> str:
-    """One line for ``error``; for DCP's CheckpointException (whose str is every rank's traceback) the first
-    failed rank's exception."""
+def _first_failure(error: BaseException) -> BaseException:
+    """For DCP's CheckpointException, the exception of the lowest failed rank; else ``error`` itself."""
     failures = getattr(error, "failures", None)
-    if isinstance(failures, dict) and failures:
-        rank, (inner, _) = min(failures.items())
-        return f"rank {rank}: {type(inner).__name__}: {inner}"
-    return f"{type(error).__name__}: {error}"
+    return min(failures.items())[1][0] if isinstance(failures, dict) and failures else error
+
+
+def _cause(error: BaseException) -> str:
+    """One line for ``error``, naming the failed rank for DCP's CheckpointException."""
+    inner = _first_failure(error)
+    where = f"rank {min(error.failures)}: " if inner is not error else ""
+    return f"{where}{type(inner).__name__}: {inner}"
 
 
 def export_dtype(model: nn.Module) -> torch.dtype:

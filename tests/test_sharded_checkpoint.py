@@ -143,3 +143,17 @@ def test_a_checkpoint_with_a_full_optimizer_file_still_loads_into_a_sharded_mode
     loaded = D.full_state_dict(sharded)
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
     assert _max_diff(adam_state(sharded, sharded_optimizer), adam_state(model, optimizer)) == 0.0
+
+
+def test_a_failed_shard_write_raises_the_ranks_own_error(saved, tmp_path):
+    """DCP wraps a rank's failure in CheckpointException, a BaseException that `except Exception` (the CLI's
+    one-line error handling) would miss; the rank's own OSError must come out instead."""
+    from grpo.sharded_checkpoint import save_sharded_state
+
+    model, optimizer, scheduler = bf16_run(saved[4])
+    lm_step(model, optimizer, scheduler, 0)
+    (tmp_path / "distcp").mkdir()
+    (tmp_path / "distcp" / "__0_0.distcp").mkdir()  # where rank 0's shard file must go: cannot be opened
+    with pytest.raises(OSError) as failed:
+        save_sharded_state(tmp_path, model, optimizer)
+    assert "__0_0.distcp" in str(failed.value)
