@@ -16,8 +16,9 @@ Layout of ``run_dir/checkpoint-{step:07d}/``::
 Design choice: a sharded (FSDP2) model saves its resumable state with torch.distributed.checkpoint, each rank writing
 its own shards, so nothing gathers the optimizer state; DCP reshards on load, so a run saved on 2 ranks resumes on
 1 or 8. Only the model-only export is gathered to rank 0, one tensor at a time (fp32 weights are a third of
-weights + AdamW state; the bf16 export of a bf16 run a sixth). An unsharded single process keeps one optimizer.pt. Checkpoints saved before distcp/ existed (full
-optimizer.pt from a sharded run) still load. All ranks must share the file system (single node, or a shared mount).
+weights + AdamW state; the bf16 export of a bf16 run a sixth). An unsharded single process keeps one optimizer.pt.
+Checkpoints saved before distcp/ existed (full optimizer.pt from a sharded run) still load. All ranks must share the
+file system (single node, or a shared mount).
 
 Atomicity: everything goes into ``run_dir/.tmp-checkpoint-{step}``; files are fsynced, ``COMPLETE`` is written, and
 only then is the folder renamed to its final name. Old checkpoints are renamed away before being deleted, so a
@@ -328,8 +329,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     A checkpoint with ``distcp/`` restores the fp32 weights and optimizer state from there, resharded to this world
     size (not from the compute-dtype export). Collective when the model is sharded. Returns the trainer_state dict
     saved with the checkpoint. A file that cannot be read raises ``CheckpointError`` naming it (``verify_checkpoint``
-    first finds most damage). Resuming on a different world size works for weights/optimizer/scheduler; the RNG streams then cannot be continued exactly
-    (a warning is issued when this rank has no saved RNG state, and its generators are left as they are).
+    first finds most damage). Resuming on a different world size works for weights/optimizer/scheduler; the RNG
+    streams then cannot be continued exactly (a warning is issued when this rank has no saved RNG state, and its
+    generators are left as they are).
     """
     path = Path(path)
     if not (path / COMPLETE).is_file():

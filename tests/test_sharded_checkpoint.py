@@ -41,6 +41,16 @@ def adam_state(model, optimizer) -> dict[str, dict[str, torch.Tensor]]:
     return {names[id(p)]: {k: D._full_tensor(v).clone() for k, v in s.items()} for p, s in optimizer.state.items()}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_rank_group():
+    """shard_trainable creates a one-rank process group in this process; remove it afterwards, so tests that run
+    later (e.g. test_distributed's no-torchrun checks) see a process without one."""
+    existed = torch.distributed.is_initialized()
+    yield
+    if not existed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A bf16-compute run: 2 steps, checkpoint, 1 more step. Returns (checkpoint, masters at save, the state after

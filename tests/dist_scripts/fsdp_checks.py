@@ -5,7 +5,8 @@
 Every rank writes OUT_DIR/results-rank{R}.json with max-abs differences (floats) and flags (bools); rank 0 also
 writes OUT_DIR/reference_after_step.pt (the single-process model after one step), a checkpoint under OUT_DIR/run
 (sharded: each rank writes its own shard file under distcp/) and what the 2-rank run held when saving it
-(OUT_DIR/at_save.pt: full weights and optimizer state), for the 1-process resume test. The pytest side asserts on those files, so a failed check shows its value instead of a hang.
+(OUT_DIR/at_save.pt: full weights and optimizer state), for the 1-process resume test. The pytest side asserts on
+those files, so a failed check shows its value instead of a hang.
 """
 from __future__ import annotations
 
