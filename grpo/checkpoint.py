@@ -2,10 +2,11 @@
 
 Layout of ``run_dir/checkpoint-{step:07d}/``::
 
-    config.json, generation_config.json, model.safetensors   full weights (HF: from_pretrained(folder) works)
+    config.json, generation_config.json, model.safetensors   full weights in the compute dtype (from_pretrained works)
     tokenizer files                                           tokenizer.save_pretrained
     extra files            the caller's (``extra_files``), e.g. the task's prompt_recipe.json
-    optimizer.pt      FULL optimizer state keyed by parameter name (get_optimizer_state_dict, rank 0 writes)
+    distcp/           sharded model: each rank's shards of the fp32 weights + optimizer state (grpo.sharded_checkpoint)
+    optimizer.pt      unsharded model: the optimizer state keyed by parameter name
     scheduler.pt      lr scheduler state
     rng_state_rank{R}.pt   python / numpy / torch CPU / CUDA generator states of rank R
     trainer_state.json     {"step", "world_size", **trainer_state}; "config" when a config dataclass is passed
@@ -13,10 +14,12 @@ Layout of ``run_dir/checkpoint-{step:07d}/``::
     MANIFEST.json          {"files": {relative path: {"size", "sha256"}}} of every other file, written after them
     COMPLETE               written last; a folder without it is never trusted
 
-Design choice: weights and optimizer state are saved FULL (gathered from FSDP2 to rank 0) rather than per-rank
-shards. Files are then independent of the world size -- a run saved on 2 ranks resumes on 1 or 8 -- and one file
-per kind is easy to inspect. Cost: rank 0 holds one full copy in CPU memory while saving (fine up to a few B
-params). Only the RNG states are per rank. All ranks must share the file system (single node, or a shared mount).
+Design choice: a sharded (FSDP2) model saves its resumable state with torch.distributed.checkpoint, each rank writing
+its own shards, so nothing gathers the optimizer state; DCP reshards on load, so a run saved on 2 ranks resumes on
+1 or 8. Only the model-only export is gathered to rank 0, one tensor at a time (fp32 weights are a third of
+weights + AdamW state; the bf16 export of a bf16 run a sixth). An unsharded single process keeps one optimizer.pt.
+Checkpoints saved before distcp/ existed (full optimizer.pt from a sharded run) still load. All ranks must share the
+file system (single node, or a shared mount).
 
 Atomicity: everything goes into ``run_dir/.tmp-checkpoint-{step}``; files are fsynced, ``COMPLETE`` is written, and
 only then is the folder renamed to its final name. Old checkpoints are renamed away before being deleted, so a
@@ -48,6 +51,8 @@ from grpo.config import config_to_dict, config_to_yaml
 from grpo.distributed import DistInfo, barrier, broadcast_object, get_rank, get_world_size, is_main, is_sharded
 from grpo.errors import report_disk_full
 from grpo.manifest import verify_manifest, write_manifest
+from grpo.sharded_checkpoint import (DCP_DIR, cast_for_export, export_dtype, load_sharded_state, save_sharded_state,
+                                     set_config_dtype)
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "GracefulExit",
            "install_sigterm_handler", "verify_checkpoint", "newest_valid_checkpoint", "CheckpointError",
@@ -204,7 +209,9 @@ def newest_valid_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tupl
 
 def _write_rank0_files(tmp: Path, model: nn.Module, weights: dict, tokenizer, optim_state: dict | None,
                        scheduler, state_json: str, config: Any, extra_files: dict[str, str] | None) -> None:
-    model.save_pretrained(tmp, state_dict=_share_tied(weights, model))
+    dtype = export_dtype(model)
+    model.save_pretrained(tmp, state_dict=cast_for_export(_share_tied(weights, model), dtype))
+    set_config_dtype(tmp, dtype)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if optim_state is not None:
@@ -219,7 +226,7 @@ def _write_rank0_files(tmp: Path, model: nn.Module, weights: dict, tokenizer, op
             raise ValueError(f"extra checkpoint file {name!r}: not a plain file name, or it would replace a file "
                              f"the checkpoint already wrote")
         (tmp / name).write_text(text, encoding="utf-8")
-    for path in tmp.iterdir():
+    for path in tmp.iterdir():  # distcp/ is fsynced by DCP's writer
         if path.is_file() and not path.name.startswith("rng_state_rank"):  # each rank fsyncs its own RNG file
             _fsync_file(path)
 
@@ -230,7 +237,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, tokenizer,
                     extra_files: dict[str, str] | None = None) -> Path:
     """Write ``run_dir/checkpoint-{step:07d}`` atomically and return its path (on every rank).
 
-    Collective: every rank must call it (FSDP2 gathers are collective; each rank writes its RNG file).
+    Collective: every rank must call it (FSDP2 gathers are collective; each rank writes its RNG file and, when
+    the model is sharded, its shards of the weights and optimizer state into ``distcp/``).
     ``trainer_state`` must be JSON-serialisable (step is added). ``config``: the run's config dataclass, stored
     as ``config.yaml`` and under ``"config"`` in trainer_state.json. ``keep_last``: how many complete checkpoints
     to keep (older steps are deleted after the new one is complete; checkpoints of higher steps are never touched);
@@ -258,11 +266,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, tokenizer,
         tmp.mkdir()
     barrier()
 
+    optim_state = None
     with report_disk_full(final):
         _write_torch(_rng_state(), tmp / f"rng_state_rank{rank}.pt")
+        if is_sharded(model):
+            save_sharded_state(tmp, model, optimizer)  # collective; each rank writes its own shards
+    if not is_sharded(model) and optimizer is not None:
+        optim_state = get_optimizer_state_dict(model, optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     weights = full_state_dict(model)  # collective; the tensors land on rank 0 only when sharded
-    optim_state = None if optimizer is None else get_optimizer_state_dict(
-        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     failure: Exception | None = None
     if rank == 0:
         try:
@@ -327,18 +339,36 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
                     scheduler=None, info: DistInfo | None = None) -> dict:
     """Restore weights (into a plain or FSDP2-sharded model), optimizer, scheduler and this rank's RNG states.
 
-    Collective when the model is sharded. Returns the trainer_state dict saved with the checkpoint. A file that
-    cannot be read raises ``CheckpointError`` naming it (``verify_checkpoint`` first finds most damage). Resuming on a
-    different world size works for weights/optimizer/scheduler; the RNG streams then cannot be continued exactly
-    (a warning is issued when this rank has no saved RNG state, and its generators are left as they are).
+    A checkpoint with ``distcp/`` restores the fp32 weights and optimizer state from there, resharded to this world
+    size (not from the compute-dtype export). Collective when the model is sharded. Returns the trainer_state dict
+    saved with the checkpoint. A file that cannot be read raises ``CheckpointError`` naming it (``verify_checkpoint``
+    first finds most damage). Resuming on a different world size works for weights/optimizer/scheduler; the RNG
+    streams then cannot be continued exactly (a warning is issued when this rank has no saved RNG state, and its
+    generators are left as they are).
     """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
     rank, _ = _rank_and_world(info)
+    if (path / DCP_DIR).is_dir():
+        load_sharded_state(path, model, optimizer, error=CheckpointError)
+    else:
+        _load_full_state(path, model, optimizer, rank)
+    if scheduler is not None:
+        scheduler.load_state_dict(_read(path / "scheduler.pt", _torch_load))
+    rng_file = path / f"rng_state_rank{rank}.pt"
+    if rng_file.is_file():
+        _set_rng_state(_read(rng_file, _torch_load))
+    else:
+        warnings.warn(f"{rng_file.name} missing (checkpoint saved on fewer ranks); RNG state not restored")
+    return _read(path / "trainer_state.json", _read_json)
+
+
+def _load_full_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, rank: int) -> None:
+    """Weights from the safetensors export and optimizer.pt (checkpoints without distcp/)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
     # Sharded: rank 0 reads the files and the tensors are broadcast, so other ranks hold no full copy.
     from_rank0 = is_sharded(model)
     reads_files = rank == 0 or not from_rank0
@@ -351,14 +381,6 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         optim_state = _read(path / "optimizer.pt", _torch_load) if reads_files else {}
         set_optimizer_state_dict(model, optimizer, optim_state, options=options)
         del optim_state
-    if scheduler is not None:
-        scheduler.load_state_dict(_read(path / "scheduler.pt", _torch_load))
-    rng_file = path / f"rng_state_rank{rank}.pt"
-    if rng_file.is_file():
-        _set_rng_state(_read(rng_file, _torch_load))
-    else:
-        warnings.warn(f"{rng_file.name} missing (checkpoint saved on fewer ranks); RNG state not restored")
-    return _read(path / "trainer_state.json", _read_json)
 
 
 class GracefulExit:

@@ -87,10 +87,40 @@ def test_sharded_checkpoint_round_trip(dist_run):
         assert res["trainer_state"] == {"step": 1, "world_size": WORLD, "data_position": 2}
         assert res["load_weights_diff"] == 0.0 and res["load_optimizer_diff"] == 0.0, rank
         assert res["rng_continues"], rank  # each rank's own python/numpy/torch streams
-        assert res["resumed_step_diff"] == 0.0, rank  # the next step after resume is bit-identical
+        # Fresh model/optimizer objects resumed on 2 ranks take the same 2 steps as the uninterrupted run: same
+        # shards, same operations in the same order, so bit-identical weights and AdamW state.
+        assert res["resumed_step_diff"] == 0.0, rank
+    assert dist_run[1][0]["resumed_optimizer_diff"] == 0.0
+
+
+def test_each_rank_writes_its_own_shard_and_nothing_gathers_the_optimizer(dist_run):
+    out_dir, results = dist_run
+    path = out_dir / "run" / "checkpoint-0000001"
+    assert not (path / "optimizer.pt").exists()
+    expected = [".metadata"] + [f"__{r}_0.distcp" for r in range(WORLD)]
+    assert all(res["shard_files"] == expected for res in results)
+    listed = json.loads((path / "MANIFEST.json").read_text())["files"]
+    assert {f"distcp/{name}" for name in expected} <= listed.keys()  # every rank's file is verified on resume
+    # Where DCP put each tensor's pieces (its .metadata): every weight and Adam moment is in 2 chunks, rank r's
+    # file holding rows [r*n/2, (r+1)*n/2) -- FSDP2's dim-0 shard of rank r -- so no rank wrote a full tensor.
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
+    metadata = FileSystemReader(path / "distcp").read_metadata()
+    tensors = {k: v for k, v in metadata.state_dict_metadata.items()
+               if isinstance(v, TensorStorageMetadata) and len(v.size) > 0}  # not Adam's scalar step counts
+    assert sum(k.startswith("optim.state.") for k in tensors) == 2 * sum(k.startswith("model.") for k in tensors)
+    for key, meta in tensors.items():
+        rows = meta.size[0]
+        where = sorted((tuple(c.offsets), tuple(c.sizes),
+                        metadata.storage_data[MetadataIndex(key, c.offsets)].relative_path) for c in meta.chunks)
+        rest = tuple(meta.size[1:])
+        assert where == [((r * rows // 2,) + (0,) * len(rest), (rows // 2,) + rest, f"__{r}_0.distcp")
+                         for r in range(WORLD)], key
 
 
 def test_two_rank_checkpoint_resumes_in_one_process(dist_run):
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     from transformers import AutoModelForCausalLM
 
     out_dir = dist_run[0]
@@ -99,7 +129,16 @@ def test_two_rank_checkpoint_resumes_in_one_process(dist_run):
     model = tiny_llama(vocab_size=256, layers=2, seed=7)
     optimizer = build_optimizer(model, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     scheduler = build_scheduler(optimizer, total_steps=10)
+    assert not D.is_sharded(model)
     assert load_checkpoint(path, model, optimizer, scheduler)["step"] == 1
+    at_save = torch.load(out_dir / "at_save.pt", weights_only=True)  # what the 2 ranks held, gathered
+    for name, value in model.state_dict().items():  # resharded from 2 shards into plain tensors, exactly
+        assert torch.equal(value, at_save["weights"][name]), name
+    loaded = get_optimizer_state_dict(model, optimizer)["state"]
+    assert loaded.keys() == at_save["optimizer"]["state"].keys()
+    for name, moments in at_save["optimizer"]["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(loaded[name][key], value), (name, key)
     reference = torch.load(out_dir / "reference_after_step.pt", weights_only=True)
     for name, value in model.state_dict().items():  # the 2-rank step equals the 1-process step (see above)
         torch.testing.assert_close(value, reference[name], rtol=0, atol=1e-5)

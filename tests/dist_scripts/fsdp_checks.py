@@ -3,8 +3,10 @@
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_scripts/fsdp_checks.py OUT_DIR
 
 Every rank writes OUT_DIR/results-rank{R}.json with max-abs differences (floats) and flags (bools); rank 0 also
-writes OUT_DIR/reference_after_step.pt (the single-process model after one step) and a checkpoint under
-OUT_DIR/run. The pytest side asserts on those files, so a failed check shows its value instead of a hang.
+writes OUT_DIR/reference_after_step.pt (the single-process model after one step), a checkpoint under OUT_DIR/run
+(sharded: each rank writes its own shard file under distcp/) and what the 2-rank run held when saving it
+(OUT_DIR/at_save.pt: full weights and optimizer state), for the 1-process resume test. The pytest side asserts on
+those files, so a failed check shows its value instead of a hang.
 """
 from __future__ import annotations
 
@@ -146,9 +148,14 @@ def main(out_dir: Path) -> None:
     torch.manual_seed(100 + rank)
     optim_before = optimizer_full(model, optimizer)
     path = save_checkpoint(out_dir / "run", 1, model, None, optimizer, scheduler, {"data_position": 2}, info=info)
+    results["shard_files"] = sorted(p.name for p in (path / "distcp").iterdir())
+    if rank == 0:
+        torch.save({"weights": after, "optimizer": optim_before}, out_dir / "at_save.pt")
     draws_after_save = [random.random(), float(np.random.rand()), torch.rand(2).tolist()]
-    step(model, optimizer, scheduler, my_ids, my_labels, global_targets)
+    for _ in range(2):  # the uninterrupted run goes on for 2 steps
+        step(model, optimizer, scheduler, my_ids, my_labels, global_targets)
     continued = full_state_dict(model, broadcast=True)
+    optim_continued = optimizer_full(model, optimizer)  # collective
 
     model2, optimizer2, scheduler2 = new_run(info, seed=7)
     state = load_checkpoint(path, model2, optimizer2, scheduler2, info)
@@ -157,8 +164,11 @@ def main(out_dir: Path) -> None:
     optim_loaded = optimizer_full(model2, optimizer2)  # collective
     results["load_optimizer_diff"] = optimizer_diff(optim_loaded, optim_before) if rank == 0 else 0.0
     results["rng_continues"] = [random.random(), float(np.random.rand()), torch.rand(2).tolist()] == draws_after_save
-    step(model2, optimizer2, scheduler2, my_ids, my_labels, global_targets)
+    for _ in range(2):
+        step(model2, optimizer2, scheduler2, my_ids, my_labels, global_targets)
     results["resumed_step_diff"] = max_diff(full_state_dict(model2, broadcast=True), continued)
+    optim_resumed = optimizer_full(model2, optimizer2)  # collective
+    results["resumed_optimizer_diff"] = optimizer_diff(optim_resumed, optim_continued) if rank == 0 else 0.0
     (out_dir / f"results-rank{rank}.json").write_text(json.dumps(results, indent=1))
     cleanup()
 
