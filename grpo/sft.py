@@ -339,7 +339,8 @@ def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[
     ``cfg.out_dir``. ``run_plan``: ``grpo.run_dir.plan_run(cfg, info)`` if the caller made it before loading models.
     ``extra_files`` ({name: text}) go into every checkpoint folder.
     """
-    from grpo.checkpoint import GracefulExit, load_checkpoint, save_checkpoint
+    from grpo.checkpoint import load_checkpoint, save_checkpoint
+    from grpo.graceful_exit import GracefulExit
     from grpo.optim import build_optimizer, build_scheduler, set_optimizer_hparams
     from grpo.run_dir import plan_run, start_run
 

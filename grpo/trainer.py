@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 from grpo import algos
 from grpo.batch import RolloutBatch, collate_rollouts, completion_logprobs
-from grpo.checkpoint import install_sigterm_handler, load_checkpoint, save_checkpoint
+from grpo.checkpoint import load_checkpoint, save_checkpoint
+from grpo.graceful_exit import install_sigterm_handler
 from grpo.distributed import DistInfo, all_reduce_sum, clip_grad_norm
 from grpo.grpo_config import GRPOConfig
 from grpo.optim import build_optimizer, build_scheduler, set_optimizer_hparams

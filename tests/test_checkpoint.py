@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from grpo.checkpoint import (COMPLETE, CheckpointError, GracefulExit, install_sigterm_handler, latest_checkpoint,
+from grpo.checkpoint import (COMPLETE, CheckpointError, latest_checkpoint,
                              list_checkpoints, load_checkpoint, newest_valid_checkpoint, save_checkpoint,
                              verify_checkpoint)
+from grpo.graceful_exit import GracefulExit, install_sigterm_handler
 from grpo.config import parse_config
 from grpo.distributed import clip_grad_norm
 from grpo.models import tiny_llama
