@@ -3,6 +3,8 @@ it learns, it resumes after SIGKILL exactly where an uninterrupted run would be,
 and one update on 2 torchrun ranks equals the same update in one process."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import signal
@@ -166,13 +168,19 @@ def test_mini_batch_without_loss_tokens_leaves_weights_and_adam_state_untouched(
     assert metrics == {"skipped_updates": 1.0}  # two mini-batches, both skipped; no loss or grad_norm invented
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
     assert not optimizer.state and scheduler.last_epoch == 2
-    # Half the rows masked: the first mini-batch (rows 0-3 of the ordered batch) may or may not keep tokens, but
-    # grad_norm is averaged over the updates that made one, never diluted by skipped ones.
+    # One group masked: of the two mini-batches (one whole group each) one is skipped, and grad_norm is the other
+    # update's norm — measured here alone, on a copy of the policy — not its average with a skipped update's.
     mask = batch.completion_mask.clone()
     mask[:4] = 0
-    cfg.num_mini_batches = 1
+    alone = copy.deepcopy(policy)
+    alone_optimizer = build_optimizer(alone, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    alone_cfg = dataclasses.replace(cfg, num_mini_batches=1, prompts_per_step=1)
+    rows = torch.arange(4, 8)
+    expected = policy_update(alone, alone_optimizer, build_scheduler(alone_optimizer, 4, 0.0, "constant"),
+                             batch.select(rows), advantages[rows], mask[rows], None, None, alone_cfg, info)
     metrics = policy_update(policy, optimizer, scheduler, batch, advantages, mask, None, None, cfg, info)
-    assert metrics["skipped_updates"] == 0.0 and metrics["grad_norm"] > 0
+    assert metrics["skipped_updates"] == 0.5
+    assert metrics["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-6) and expected["grad_norm"] > 0
 
 
 def test_mini_batch_order_changes_with_the_step_and_keeps_groups_whole():
