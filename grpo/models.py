@@ -11,12 +11,14 @@ This module is task-agnostic: it knows nothing about NER.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
@@ -169,10 +171,25 @@ def resolve_model_path(spec: str) -> str:
     return spec
 
 
+@contextlib.contextmanager
+def _hub_errors_as_user_errors(spec: str) -> Iterator[None]:
+    """transformers' OSError for a hub id it cannot fetch (no connection, no such repository) → one UserError line.
+    OSErrors with an errno (a full disk, a permission) are left alone."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is not None:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model={spec}: not a local folder, and loading it from the Hugging Face hub failed: {first} "
+                        f"(a model is an existing folder, a hub id like org/name, or {EMBEDDED_DEFAULT})") from exc
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(spec))
+    with _hub_errors_as_user_errors(spec):
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(spec))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     # Decoder-only generation pads on the left so every row's last token is the real prompt end.
@@ -183,7 +200,8 @@ def load_tokenizer(spec: str):
 def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=parse_dtype(dtype))
+    with _hub_errors_as_user_errors(spec):
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=parse_dtype(dtype))
     return model.to(device)
 
 

@@ -223,3 +223,11 @@ def test_bad_values_fail_at_parse(tmp_path):
         parse_config(NERSFTConfig, ["--data", "x", "--dtype", "int4"])
     with pytest.raises(ConfigError, match="match='fuzzy'.*batch_size=0"):
         parse_config(EvalConfig, ["--match", "fuzzy", "--batch_size", "0"])
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_line_not_a_traceback():
+    # Offline (as CI and the GPU machines are): transformers raises a bare OSError with a wall of text.
+    proc = script("predict.py", "--model", "no-such-org/no-such-model", "Some text .")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: model=no-such-org/no-such-model: not a local folder, and loading it from the Hugging Face hub failed")
