@@ -41,7 +41,29 @@ def dtype_problems(dtype: str) -> list[str]:
 
 
 @dataclass
-class GRPOConfig:
+class RunDirOptions:
+    """How a run treats its out_dir and checkpoints: the fields both trainers share (grpo.run_dir acts on them)."""
+    keep_last: int = _f(2, "checkpoints kept (≥ 1): older steps are deleted as new ones are saved")
+    resume: str = _f("none", "none (a new run: out_dir must hold no run) | auto (newest valid checkpoint in out_dir; "
+                             "damaged ones are skipped) | a checkpoint path")
+    overwrite: bool = _f(False, "a new run in an out_dir that holds a run: move that run's files to "
+                                "<out_dir>.old-<time>/ first (nothing is deleted)")
+    allow_config_change: bool = _f(False, "resume even if the config differs from the checkpoint's (the changes "
+                                          "are used and listed in out_dir/config_changes.jsonl)")
+
+    def run_dir_problems(self) -> list[str]:
+        problems = []
+        if not (self.resume in ("none", "auto") or bool(self.resume)):
+            problems.append("resume: none | auto | a checkpoint path")
+        if self.keep_last < 1:
+            problems.append(f"keep_last={self.keep_last} must be ≥ 1 (the final checkpoint is kept)")
+        if self.overwrite and self.resume != "none":
+            problems.append(f"overwrite starts a new run; it cannot be combined with resume={self.resume!r}")
+        return problems
+
+
+@dataclass
+class GRPOConfig(RunDirOptions):
     # --- model and run
     model: str = _f("smollm2-135m-instruct", "policy: local folder, hub id, or smollm2-135m-instruct (embedded)")
     dtype: str = _f("float32", "parameter dtype: float32 (CPU default) | bfloat16 | float16")
@@ -104,13 +126,6 @@ class GRPOConfig:
     eval_every: int = _f(0, "evaluate on the dev subset every N steps (0 = only at start and end if eval_limit)")
     eval_limit: int = _f(0, "dev examples per evaluation; 0 = no evaluation during training")
     save_every: int = _f(10, "checkpoint every N steps (0 = only at the end; always at the end)")
-    keep_last: int = _f(2, "checkpoints kept (≥ 1): older steps are deleted as new ones are saved")
-    resume: str = _f("none", "none (a new run: out_dir must hold no run) | auto (newest valid checkpoint in out_dir; "
-                             "damaged ones are skipped) | a checkpoint path")
-    overwrite: bool = _f(False, "a new run in an out_dir that holds a run: move that run's files to "
-                                "<out_dir>.old-<time>/ first (nothing is deleted)")
-    allow_config_change: bool = _f(False, "resume even if the config differs from the checkpoint's (the changes "
-                                          "are used and listed in out_dir/config_changes.jsonl)")
 
     def validate(self, world_size: int = 1) -> None:
         """Fail at start, naming the fields to change, rather than deep inside the loop."""
@@ -157,11 +172,8 @@ class GRPOConfig:
         need(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
         need(self.rollout_correction_threshold > 1, "rollout_correction_threshold must be > 1")
         need(bool(self.reward_weights), "reward_weights is empty: name at least one reward")
-        need(self.resume in ("none", "auto") or bool(self.resume), "resume: none | auto | a checkpoint path")
         need(self.save_every >= 0, f"save_every={self.save_every} must be ≥ 0 (0 = only at the end)")
-        need(self.keep_last >= 1, f"keep_last={self.keep_last} must be ≥ 1 (the final checkpoint is kept)")
-        need(not (self.overwrite and self.resume != "none"),
-             f"overwrite starts a new run; it cannot be combined with resume={self.resume!r}")
+        problems += self.run_dir_problems()
         problems += dtype_problems(self.dtype)
         need(self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.weight_decay >= 0,
              "lr must be > 0, beta1 and beta2 in [0, 1), weight_decay ≥ 0")

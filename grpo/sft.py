@@ -27,13 +27,13 @@ import torch.nn.functional as F
 
 from grpo.config import ConfigError
 from grpo.config import option as _f
-from grpo.grpo_config import dtype_problems, run_path_problems
+from grpo.grpo_config import RunDirOptions, dtype_problems, run_path_problems
 
 IGNORE = -100
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(RunDirOptions):
     """Supervised fine-tuning on prompt/completion pairs (completion-only loss)."""
     model: str = _f("smollm2-135m-instruct", "start model: local folder, hub id, or smollm2-135m-instruct")
     data: str = _f("", "training data (a JSONL file the task script turns into prompt/completion pairs)")
@@ -58,13 +58,6 @@ class SFTConfig:
                                          "type descriptions) once and reuse its K/V; unpacked rows only")
     log_every: int = _f(1, "TensorBoard and metrics.jsonl every N steps (and at the last)")
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end; always at the end)")
-    keep_last: int = _f(2, "checkpoints kept (≥ 1): older steps are deleted as new ones are saved")
-    resume: str = _f("none", "none (a new run: out_dir must hold no run) | auto (newest valid checkpoint in out_dir; "
-                             "damaged ones are skipped) | a checkpoint path")
-    overwrite: bool = _f(False, "a new run in an out_dir that holds a run: move that run's files to "
-                                "<out_dir>.old-<time>/ first (nothing is deleted)")
-    allow_config_change: bool = _f(False, "resume even if the config differs from the checkpoint's (the changes "
-                                          "are used and listed in out_dir/config_changes.jsonl)")
 
     def validate(self, world_size: int = 1) -> None:
         problems = self.config_problems(world_size)
@@ -74,7 +67,7 @@ class SFTConfig:
     def config_problems(self, world_size: int = 1) -> list[str]:
         """Every wrong value or combination (a task subclass adds its own)."""
         problems: list[str] = []
-        for name in ("batch_size", "grad_accum", "max_len", "log_every", "keep_last"):
+        for name in ("batch_size", "grad_accum", "max_len", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be ≥ 1")
         if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
@@ -87,10 +80,7 @@ class SFTConfig:
             problems.append("save_every and max_grad_norm must be ≥ 0")
         if not self.data:
             problems.append("data is empty: name the training file")
-        if not self.resume:
-            problems.append("resume: none | auto | a checkpoint path")
-        if self.overwrite and self.resume != "none":
-            problems.append(f"overwrite starts a new run; it cannot be combined with resume={self.resume!r}")
+        problems += self.run_dir_problems()
         if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.weight_decay >= 0):
             problems.append("lr must be > 0, beta1 and beta2 in [0, 1), weight_decay ≥ 0")
         problems += dtype_problems(self.dtype)
