@@ -141,7 +141,9 @@ def logprob_gap(model, rollouts, temperature: float, pad_id: int) -> dict:
 
 def verdict(name: str, gap: dict, dtype: torch.dtype, results: list[dict], **extra) -> bool:
     tol = TOLERANCE[dtype]
-    ok = gap["mean_abs"] <= tol and all(extra.pop("require", {}).values())
+    required = extra.pop("require", {})
+    ok = gap["mean_abs"] <= tol and all(required.values())
+    extra.update({k: v for k, v in required.items() if not v})  # a failed requirement is named on the line
     results.append({"check": name, "dtype": str(dtype).removeprefix("torch."), "ok": ok, "tolerance": tol,
                     **gap, **extra})
     print(f"{'PASS' if ok else 'FAIL'} {name} [{str(dtype).removeprefix('torch.')}]: mean |Δ logp| "
