@@ -24,7 +24,8 @@ from grpo.batch import collate_rollouts, completion_logprobs  # noqa: E402
 from grpo.distributed import DistInfo  # noqa: E402
 from grpo.engine import TorchEngine  # noqa: E402
 from grpo.grpo_config import GRPOConfig  # noqa: E402
-from grpo.models import load_model_and_tokenizer  # noqa: E402
+from grpo.distributed import shard_trainable  # noqa: E402
+from grpo.models import load_model_and_tokenizer, parse_dtype  # noqa: E402
 from grpo.optim import build_optimizer, build_scheduler  # noqa: E402
 from grpo.rollout_io import tokenize_prompts  # noqa: E402
 from grpo.trainer import frozen_logprobs, policy_update, score_completions  # noqa: E402
@@ -36,10 +37,12 @@ def project_loss_on(policy, batch: dict, cfg: GRPOConfig) -> float:
     rb = collate_rollouts(prompt_ids, completion_ids, [[0.0] * len(c) for c in completion_ids], 0)
     with torch.no_grad():
         logp, _ = completion_logprobs(policy, rb, cfg.temperature)
-        per_token, _ = algos.policy_loss(logp, logp, batch["advantages"], rb.completion_mask, cfg.eps_low, cfg.eps_high)
-        per_token = per_token + cfg.beta * algos.kl_penalty(logp, batch["ref_logp"], "k3")
-        n_tok, n_seq = algos.normaliser_counts(rb.completion_mask)
-        return float(algos.aggregate_loss(per_token, rb.completion_mask, "seq_mean", num_tokens=n_tok, num_seqs=n_seq))
+        mask = rb.completion_mask.to(logp.device)
+        per_token, _ = algos.policy_loss(logp, logp, batch["advantages"].to(logp.device), mask, cfg.eps_low,
+                                         cfg.eps_high)
+        per_token = per_token + cfg.beta * algos.kl_penalty(logp, batch["ref_logp"].to(logp.device), "k3")
+        n_tok, n_seq = algos.normaliser_counts(mask)
+        return float(algos.aggregate_loss(per_token, mask, "seq_mean", num_tokens=n_tok, num_seqs=n_seq))
 
 
 def make_loss_batch(policy, tok, prompt_ids: list[list[int]], engine: TorchEngine, cfg: GRPOConfig) -> dict:
@@ -58,6 +61,7 @@ def make_loss_batch(policy, tok, prompt_ids: list[list[int]], engine: TorchEngin
     rb = collate_rollouts(prompts.tolist(), comps.tolist(), [r.logprobs for r in rollouts], tok.pad_token_id)
     with torch.no_grad():
         logp, _ = completion_logprobs(policy, rb, cfg.temperature)
+    logp = logp.float().cpu()
     noise = torch.randn(logp.shape, generator=torch.Generator().manual_seed(7)) * 0.3
     return {"prompt_ids": prompts, "completion_ids": comps, "advantages": adv, "ref_logp": logp + noise}
 
@@ -69,10 +73,14 @@ def main() -> None:
     cfg = GRPOConfig(prompts_per_step=len(common.PROMPTS), group_size=common.G, max_completion_len=args.new,
                      micro_batch_size=len(common.PROMPTS) * common.G, mu=1, beta=common.BETA, lr=common.LR,
                      warmup_ratio=0.0, lr_scheduler="constant", reward_weights={"bench": 1.0})
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    policy, tok = load_model_and_tokenizer("smollm2-135m-instruct", "float32", "cpu")
-    ref, _ = load_model_and_tokenizer("smollm2-135m-instruct", "float32", "cpu")
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(args.device))
+    if info.device.type == "cuda":
+        torch.cuda.set_device(info.device)
+    policy, tok = load_model_and_tokenizer(args.model, "float32", info.device)
+    ref, _ = load_model_and_tokenizer(args.model, args.dtype, info.device)
     ref.eval().requires_grad_(False)
+    if args.dtype != "float32":  # as train_grpo.py: fp32 masters, FSDP2 computes in dtype (one-rank group)
+        policy = shard_trainable(policy, info, parse_dtype(args.dtype))
     engine = TorchEngine(policy, tok)
     prompt_ids, prompts, _ = tokenize_prompts(tok, [{"messages": m} for m in common.PROMPTS], cfg.max_prompt_len)
     result: dict = {"framework": "project", "params": sum(p.numel() for p in policy.parameters())}

@@ -8,6 +8,8 @@ over a square fp32 torch.matmul timed in the same process.
 
 Command:
     OMP_WAIT_POLICY=PASSIVE python bench/generation.py --repeats 3
+On a GPU (scripts/gpu_check.sh): --device cuda --dtype bfloat16 [--model FOLDER]; "% peak" is then against a square
+matmul in that dtype on that device.
 
 Measured 2026-12-03 08:18-08:40 UTC (2-core AMD EPYC with AVX-512, torch 2.13 CPU, 2 threads,
 OMP_WAIT_POLICY=PASSIVE; load average 1.2-1.8, other jobs shared the cores, so only ratios within a repeat compare).
@@ -51,9 +53,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grpo.engine import TorchEngine  # noqa: E402
-from grpo.models import load_model_and_tokenizer  # noqa: E402
+from grpo.models import load_model_and_tokenizer, parse_dtype  # noqa: E402
 
-DATA = Path("/work/shared/data/conll2003/dev.txt")
+DATA = Path(os.environ.get("NER_DATA_DIR", "/work/shared/data")) / "conll2003" / "dev.txt"
 FALLBACK_SENTENCES = [
     "West Indian all-rounder Phil Simmons took four for 38 on Friday as Leicestershire beat Somerset .",
     "EU rejects German call to boycott British lamb .",
@@ -96,26 +98,37 @@ def ner_prompts(tokenizer, count: int) -> list[list[int]]:
     return prompts
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 5, device: torch.device = torch.device("cpu"),
+                      dtype: torch.dtype = torch.float32) -> float:
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
 
-def timed(fn) -> tuple[float, float]:
+def timed(fn, device: torch.device = torch.device("cpu")) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) of fn(). CPU time is less sensitive to other tenants taking the cores."""
+    synchronize(device)
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    synchronize(device)
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def run_hf(model, tokenizer, prompts: list[list[int]], new: int) -> tuple[float, float]:
     batch = tokenizer.pad({"input_ids": [torch.tensor(p) for p in prompts]}, padding=True, return_tensors="pt")
+    batch = {k: v.to(model.device) for k, v in batch.items()}
 
     def generate():
         with torch.inference_mode():
@@ -123,7 +136,7 @@ def run_hf(model, tokenizer, prompts: list[list[int]], new: int) -> tuple[float,
                                  min_new_tokens=new, pad_token_id=tokenizer.pad_token_id)
         assert out.shape[1] - batch["input_ids"].shape[1] == new
 
-    return timed(generate)
+    return timed(generate, model.device)
 
 
 def run_engine(engine, prompts: list[list[int]], new: int, seed: int, **kwargs) -> tuple[float, float]:
@@ -140,10 +153,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 8])
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="a model folder or the embedded default")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
 
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype, device)
     model.eval()
     params = sum(p.numel() for p in model.parameters())
     engines = {"HF generate": None, "TorchEngine": TorchEngine(model, tokenizer),
@@ -156,10 +173,12 @@ def main() -> None:
 
         engines["vLLM"] = VLLMEngine(model, tokenizer)
     except ImportError as err:
-        print(f"note: vLLM column skipped ({err})")
-    peak = matmul_peak_flops()
-    print(f"fp32 matmul peak (2048^3, {args.threads} threads): {peak / 1e9:.0f} GFLOP/s; params {params / 1e6:.1f}M; "
-          f"load average {os.getloadavg()}")
+        print(f"SKIPPED: vLLM column (vllm not importable: {err})")
+    # CPU bf16 matmuls without AMX take minutes at 2048^3 and say nothing about the CPU's peak: fp32 there.
+    peak_dtype = dtype if device.type == "cuda" else torch.float32
+    peak = matmul_peak_flops(device=device, dtype=peak_dtype)
+    print(f"{str(peak_dtype).removeprefix('torch.')} matmul peak (2048^3, {args.device}, {args.threads} threads): {peak / 1e9:.0f} GFLOP/s; "
+          f"params {params / 1e6:.1f}M; load average {os.getloadavg()}")
 
     rows = []
     for batch in args.batches:
@@ -188,8 +207,8 @@ def main() -> None:
                          f"{100 * 2 * params * rate / peak:.1f}", " / ".join(f"{w:.1f}" for w, _ in ts)))
 
     print(f"\nload average at the end: {os.getloadavg()}")
-    print("\n| sequences x new tokens | engine | tokens/s (wall, median) | x HF (wall) | x HF (CPU time) "
-          "| % fp32 matmul peak | wall times (s) |")
+    print(f"\n| sequences x new tokens | engine | tokens/s (wall, median) | x HF (wall) | x HF (CPU time) "
+          f"| % {str(peak_dtype).removeprefix('torch.')} matmul peak | wall times (s) |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

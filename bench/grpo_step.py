@@ -26,6 +26,9 @@ initial weights.
 
 Command (setup once: bash bench/setup_trl.sh, TRL 1.16.0 with --no-deps into ~/.cache/grpo-ner/venv-trl):
     python bench/grpo_step.py --rounds 2 --steps 3
+On a GPU (scripts/gpu_check.sh): --device cuda --dtype bfloat16 [--model FOLDER]. A dtype other than float32 trains
+as train_grpo.py does (fp32 master weights, FSDP2 computing in that dtype, one-rank group). Without the TRL venv
+(e.g. on the GPU machine) the TRL side is skipped with a line saying so and the project side runs alone.
 
 Measured 2026-11-23 13:16-13:20 UTC, 2-core shared Xeon (AVX-512), torch 2.13.0+cpu, transformers 5.19.0,
 TRL 1.16.0. Load average 0.12 (1 min) at the start, 1.93 at the end (other agents' jobs came back during the run;
@@ -102,6 +105,9 @@ def side_args() -> argparse.Namespace:
     ap.add_argument("--new", type=int, default=MAX_NEW)
     ap.add_argument("--out", required=True)
     ap.add_argument("--loss_batch", default="")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
     return ap.parse_args()
 
 
@@ -113,25 +119,32 @@ def vmhwm_mib() -> float:
     raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
-def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
-    """Best-of-reps fp32 FLOP/s of an n×n torch.matmul (2n³ FLOPs) in this process."""
+def matmul_peak_flops(n: int = 2048, reps: int = 5, device: str = "cpu", dtype: str = "float32") -> float:
+    """Best-of-reps FLOP/s of an n×n torch.matmul (2n³ FLOPs) in this process: fp32 on CPU, ``dtype`` on CUDA."""
     import torch
     torch.set_num_threads(THREADS)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    on_cuda = device.startswith("cuda")
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype) if on_cuda else torch.float32)
+            for _ in range(2))
     torch.matmul(a, b)
     best = float("inf")
     for _ in range(reps):
+        if on_cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         torch.matmul(a, b)
+        if on_cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
 
 
-def run_side(framework: str, steps: int, new: int, loss_batch: str) -> dict:
+def run_side(framework: str, steps: int, new: int, loss_batch: str, device: str = "cpu", dtype: str = "float32",
+             model: str = "smollm2-135m-instruct") -> dict:
     python = sys.executable if framework == "project" else str(TRL_PYTHON)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [python, str(BENCH_DIR / f"_{framework}_side.py"), "--steps", str(steps), "--new", str(new),
-               "--out", out.name]
+               "--out", out.name, "--device", device, "--dtype", dtype, "--model", model]
         if loss_batch:
             cmd += ["--loss_batch", loss_batch]
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
@@ -152,21 +165,31 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="project, TRL, project, TRL, … (one process each)")
     ap.add_argument("--steps", type=int, default=2, help="steps per process; the first is warm-up, not counted")
     ap.add_argument("--new", type=int, default=MAX_NEW, help="new tokens per completion")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--dtype", default="float32", help="compute dtype (float32 | bfloat16)")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="a model folder or the embedded default")
     args = ap.parse_args()
+    frameworks = ("project", "trl")
     if not TRL_PYTHON.exists():
-        sys.exit(f"{TRL_PYTHON} missing: run bash bench/setup_trl.sh first")
+        frameworks = ("project",)
+        print(f"SKIPPED: TRL side ({TRL_PYTHON} missing; bash bench/setup_trl.sh makes it where PyPI is reachable); "
+              f"the project side runs alone", file=sys.stderr)
+    elif args.device != "cpu" or args.model != "smollm2-135m-instruct":
+        frameworks = ("project",)
+        print("SKIPPED: TRL side (bench/_trl_side.py runs the embedded model on CPU only)", file=sys.stderr)
     load_before = uptime()
-    peak = matmul_peak_flops()
-    runs: dict[str, list[dict]] = {"project": [], "trl": []}
+    peak = matmul_peak_flops(device=args.device, dtype=args.dtype)
+    runs: dict[str, list[dict]] = {fw: [] for fw in frameworks}
     with tempfile.TemporaryDirectory() as tmp:
         loss_batch = str(Path(tmp) / "batch.pt")
         for r in range(args.rounds):
-            for fw in ("project", "trl"):  # project first: it writes the fixed loss batch TRL reads in round 0
-                res = run_side(fw, args.steps, args.new, loss_batch if r == 0 else "")
+            for fw in frameworks:  # project first: it writes the fixed loss batch TRL reads in round 0
+                res = run_side(fw, args.steps, args.new, loss_batch if r == 0 else "", args.device, args.dtype,
+                               args.model)
                 runs[fw].append(res)
                 print(f"round {r} {fw}: step walls {[round(s['wall_s'], 2) for s in res['steps']]} "
                       f"VmHWM {res['vmhwm_mib']:.0f} MiB, process {res['process_s']:.0f} s", file=sys.stderr)
-    peak = max(peak, matmul_peak_flops())
+    peak = max(peak, matmul_peak_flops(device=args.device, dtype=args.dtype))
     load_after = uptime()
     n_rows = len(PROMPTS) * G
     prompt_tokens = runs["project"][0]["steps"][0]["prompt_tokens"]
@@ -185,17 +208,21 @@ def main() -> None:
                     "flops": step_flops / wall, "hwm": statistics.median(r["vmhwm_mib"] for r in results),
                     "loss": results[0].get("loss_fixed_batch"), "comp": comp}
     print(f"\nload before: {load_before}\nload after:  {load_after}")
-    print(f"{len(PROMPTS)} prompts × G={G} × {args.new} new tokens, μ=1, β={BETA}, fp32, CPU, {THREADS} threads; "
-          f"params {params / 1e6:.1f} M, prompt+completion tokens/step {tokens}; "
-          f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s\n")
+    print(f"{len(PROMPTS)} prompts × G={G} × {args.new} new tokens, μ=1, β={BETA}, {args.dtype}, {args.device}, "
+          f"{THREADS} threads; params {params / 1e6:.1f} M, prompt+completion tokens/step {tokens}; "
+          f"matmul peak {peak / 1e9:.0f} GFLOP/s\n")
     print("| framework | s/step (median) | completion tok/s | model GFLOP/s (10·params·tokens) | % matmul peak "
           "| VmHWM MiB | loss on fixed batch | timed step walls (s) | completion tokens/step |")
     print("|---|---|---|---|---|---|---|---|---|")
     for fw, name in (("project", "this project"), ("trl", "TRL GRPOTrainer")):
+        if fw not in rows:
+            continue
         r = rows[fw]
         print(f"| {name} | {r['wall']:.2f} | {r['tok_s']:.1f} | {r['flops'] / 1e9:.2f} | {100 * r['flops'] / peak:.1f} "
               f"| {r['hwm']:.0f} | {r['loss']:.6f} | {' / '.join(f'{w:.2f}' for w in r['walls'])} "
               f"| {sorted(set(r['comp']))} |")
+    if "trl" not in rows:
+        return
     speed = rows["trl"]["wall"] / rows["project"]["wall"]
     print(f"\nspeed ratio project / TRL (tokens/s): {speed:.2f}x; memory ratio project / TRL (VmHWM): "
           f"{rows['project']['hwm'] / rows['trl']['hwm']:.2f}; "
