@@ -38,7 +38,7 @@ export NER_DATA_DIR="$PWD/$GC/data"
 if [[ $MODE == gpu ]]; then
   DEVICE=cuda; REDUCED=; NEW=64; STEPS_ARGS=(--max_completion_len 128)
   GEN_ARGS=(--batches 32 8 --new 128 --repeats 3); STEP_ARGS=(--rounds 1 --steps 3 --new 32)
-  T_MODEL=60; T_A=90; T_B=150; T_C=150; T_D1=60; T_D2=60
+  T_MODEL=45; T_A=75; T_B=110; T_C=120; T_D1=50; T_D2=50  # with the 30 s metrics check: 480 s worst case
 else
   DEVICE=cpu; REDUCED=--reduced; NEW=16; STEPS_ARGS=(--max_completion_len 16 --group_size 4 --micro_batch_size 8)
   GEN_ARGS=(--batches 4 --new 8 --repeats 1); STEP_ARGS=(--rounds 1 --steps 2 --new 8)
