@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "tiny_grpo_run.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 sys.path.insert(0, str(ROOT / "tests" / "dist_scripts"))  # grpo_update.global_rollouts: the fixed rollout batch
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_grpo_run, run in-process
 
 
 def run(out: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -194,3 +195,24 @@ def test_mini_batch_order_changes_with_the_step_and_keeps_groups_whole():
     for order in orders:
         assert sorted(order) == list(range(16))
         assert all(order[i] // 4 == order[i + 1] // 4 for i in range(0, 16, 4) for i in (i, i + 1, i + 2))
+
+
+def test_a_stop_signal_between_two_polls_still_saves(tmp_path, monkeypatch):
+    """SIGTERM is polled once per step: had the save condition and the exit condition each polled, a signal landing
+    between the two would end the run with no checkpoint of its last steps (here: none at all)."""
+    import tiny_grpo_run
+
+    import grpo.trainer
+
+    polls = []
+
+    def install():
+        def stop_requested() -> bool:
+            polls.append(len(polls))
+            return len(polls) >= 2  # the signal arrives right after the first poll
+        return stop_requested
+
+    monkeypatch.setattr(grpo.trainer, "install_sigterm_handler", install)
+    tiny_grpo_run.main(["--out_dir", str(tmp_path), "--total_steps", "5", "--save_every", "100"])
+    assert [p.name for p in sorted(tmp_path.glob("checkpoint-*"))] == ["checkpoint-0000002"]
+    assert [h["step"] for h in history(tmp_path)] == [1, 2]
