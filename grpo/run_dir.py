@@ -293,3 +293,18 @@ def start_run(plan: RunPlan, cfg: Any, info: DistInfo | None = None) -> None:
                 f.write(json.dumps(record) + "\n")
         (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
     barrier()
+
+
+def restore_checkpoint(plan: RunPlan, cfg: Any, model, optimizer, scheduler, info: DistInfo | None = None) -> int:
+    """Load the plan's checkpoint (if any) into model, optimizer and scheduler and return its step (0 without one).
+    A config change allowed by ``--allow_config_change`` takes effect: the new lr, betas and weight decay replace
+    the restored ones."""
+    from grpo.checkpoint import load_checkpoint
+    from grpo.optim import set_optimizer_hparams
+
+    if plan.checkpoint is None:
+        return 0
+    step = int(load_checkpoint(plan.checkpoint, model, optimizer, scheduler, info)["step"])
+    if plan.changes:
+        set_optimizer_hparams(optimizer, scheduler, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    return step

@@ -329,10 +329,10 @@ def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[
     ``cfg.out_dir``. ``run_plan``: ``grpo.run_dir.plan_run(cfg, info)`` if the caller made it before loading models.
     ``extra_files`` ({name: text}) go into every checkpoint folder.
     """
-    from grpo.checkpoint import load_checkpoint, save_checkpoint
+    from grpo.checkpoint import save_checkpoint
     from grpo.graceful_exit import GracefulExit
-    from grpo.optim import build_optimizer, build_scheduler, set_optimizer_hparams
-    from grpo.run_dir import plan_run, start_run
+    from grpo.optim import build_optimizer, build_scheduler
+    from grpo.run_dir import plan_run, restore_checkpoint, start_run
 
     cfg.validate(info.world_size)
     plan = run_plan if run_plan is not None else plan_run(cfg, info)
@@ -350,12 +350,8 @@ def train_sft(cfg: SFTConfig, model: torch.nn.Module, tokenizer, rows: Sequence[
 
     run_dir = Path(cfg.out_dir)
     start_run(plan, cfg, info)
-    step = 0
     ckpt = plan.checkpoint
-    if ckpt is not None:
-        step = int(load_checkpoint(ckpt, model, optimizer, scheduler, info)["step"])
-        if plan.changes:  # allowed by --allow_config_change: train with the new values, not the restored ones
-            set_optimizer_hparams(optimizer, scheduler, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    step = restore_checkpoint(plan, cfg, model, optimizer, scheduler, info)
 
     from grpo.rollout_io import RunLogger
 

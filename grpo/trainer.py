@@ -32,13 +32,13 @@ import torch.distributed as dist
 
 from grpo import algos
 from grpo.batch import RolloutBatch, collate_rollouts, completion_logprobs
-from grpo.checkpoint import load_checkpoint, save_checkpoint
+from grpo.checkpoint import save_checkpoint
 from grpo.graceful_exit import install_sigterm_handler
 from grpo.distributed import DistInfo, all_reduce_sum, clip_grad_norm
 from grpo.grpo_config import GRPOConfig
-from grpo.optim import build_optimizer, build_scheduler, set_optimizer_hparams
+from grpo.optim import build_optimizer, build_scheduler
 from grpo.rollout_io import RunLogger, tokenize_prompts
-from grpo.run_dir import RunPlan, plan_run, start_run
+from grpo.run_dir import RunPlan, plan_run, restore_checkpoint, start_run
 
 RewardFn = Callable[[list[str], list[dict]], list[float]]
 
@@ -228,12 +228,9 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
     scheduler = build_scheduler(optimizer, total_updates, cfg.warmup_ratio, cfg.lr_scheduler)
 
     start_run(plan, cfg, info)
-    start_step = 0
     ckpt = plan.checkpoint
+    start_step = restore_checkpoint(plan, cfg, policy, optimizer, scheduler, info)
     if ckpt is not None:
-        start_step = int(load_checkpoint(ckpt, policy, optimizer, scheduler, info)["step"])
-        if plan.changes:  # allowed by --allow_config_change: train with the new values, not the restored ones
-            set_optimizer_hparams(optimizer, scheduler, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
         engine.update_weights(policy)
     logger = RunLogger(run_dir, info.rank == 0, total=cfg.total_steps, initial=start_step,
                        purge_step=plan.tb_purge_step)
