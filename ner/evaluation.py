@@ -5,6 +5,7 @@ sentence before scoring, so both formats are scored on the same unit: (sentence,
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from tqdm import tqdm
@@ -37,7 +38,7 @@ def generate_completions(engine, tokenizer, records: list[dict], max_new_tokens:
     prompt_ids = prompt_token_ids(tokenizer, records)
     rank, world = (get_rank(), get_world_size()) if split_over_ranks else (0, 1)
     mine = list(range(rank, len(records), world))
-    calls = -(-len(range(0, len(records), world)) // batch_size)  # rank 0 holds the most records
+    calls = math.ceil(math.ceil(len(records) / world) / batch_size)  # rank 0 holds the most records
     texts: list[str] = []
     with tqdm(total=len(mine), desc="generate", unit="prompt", disable=not progress or rank != 0) as bar:
         for c in range(calls):
