@@ -108,7 +108,9 @@ def test_two_rank_update_equals_one_process_update(tmp_path, loss_agg, shared):
         torch.testing.assert_close(two["state"][name], tensor, atol=1e-6, rtol=0, msg=name)
 
 
-def test_non_finite_gradient_skips_the_update_and_keeps_the_weights():
+def one_process_update_setup(scheduled_updates: int, **fields):
+    """The fixed 8-rollout batch of tests/dist_scripts/grpo_update.py and a tiny policy with its AdamW and constant
+    schedule, in one process: (cfg, policy, optimizer, scheduler, batch, advantages, info)."""
     from grpo_update import global_rollouts
 
     from grpo.batch import collate_rollouts
@@ -116,16 +118,22 @@ def test_non_finite_gradient_skips_the_update_and_keeps_the_weights():
     from grpo.grpo_config import GRPOConfig
     from grpo.models import tiny_llama
     from grpo.optim import build_optimizer, build_scheduler
-    from grpo.trainer import policy_update
 
     cfg = GRPOConfig(reward_weights={"r": 1.0}, prompts_per_step=2, group_size=4, micro_batch_size=4, beta=0.0,
-                     max_completion_len=8, lr=1e-2)
+                     max_completion_len=8, lr=1e-2, **fields)
     policy = tiny_llama(vocab_size=128, hidden=32, layers=2, heads=2, seed=3)
     optimizer = build_optimizer(policy, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, 2, 0.0, "constant")
+    scheduler = build_scheduler(optimizer, scheduled_updates, 0.0, "constant")
     prompts, completions, old, advantages = global_rollouts()
     batch = collate_rollouts(prompts, completions, old, pad_id=0)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    return cfg, policy, optimizer, scheduler, batch, advantages, info
+
+
+def test_non_finite_gradient_skips_the_update_and_keeps_the_weights():
+    from grpo.trainer import policy_update
+
+    cfg, policy, optimizer, scheduler, batch, advantages, info = one_process_update_setup(2)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     poisoned = policy.model.layers[0].mlp.up_proj.weight
     handle = poisoned.register_hook(lambda g: torch.full_like(g, float("nan")))
@@ -146,23 +154,11 @@ def test_non_finite_gradient_skips_the_update_and_keeps_the_weights():
 def test_mini_batch_without_loss_tokens_leaves_weights_and_adam_state_untouched():
     """Every row masked (all groups zero-variance, or all truncated): no update at all — AdamW with weight decay
     would otherwise shrink every weight and start its moments from a zero gradient. The schedule still advances."""
-    from grpo_update import global_rollouts
-
-    from grpo.batch import collate_rollouts
-    from grpo.distributed import DistInfo
-    from grpo.grpo_config import GRPOConfig
-    from grpo.models import tiny_llama
     from grpo.optim import build_optimizer, build_scheduler
     from grpo.trainer import policy_update
 
-    cfg = GRPOConfig(reward_weights={"r": 1.0}, prompts_per_step=2, group_size=4, micro_batch_size=4, beta=0.0,
-                     max_completion_len=8, lr=1e-2, weight_decay=0.1, num_mini_batches=2)
-    policy = tiny_llama(vocab_size=128, hidden=32, layers=2, heads=2, seed=3)
-    optimizer = build_optimizer(policy, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, 4, 0.0, "constant")
-    prompts, completions, old, advantages = global_rollouts()
-    batch = collate_rollouts(prompts, completions, old, pad_id=0)
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cfg, policy, optimizer, scheduler, batch, advantages, info = one_process_update_setup(
+        4, weight_decay=0.1, num_mini_batches=2)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     metrics = policy_update(policy, optimizer, scheduler, batch, advantages, torch.zeros_like(batch.completion_mask),
                             None, None, cfg, info)
