@@ -150,7 +150,9 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimato
     if estimator == "k2":
         return 0.5 * x.square()
     if estimator == "k3":
-        return (torch.exp(x) - x - 1).clamp(-_K3_CLAMP, _K3_CLAMP)
+        # expm1(x) - x, not exp(x) - x - 1: for |x| ~ 1e-9 the latter rounds to a tiny NEGATIVE value, while
+        # expm1(x) >= x holds after rounding too, so the estimate stays >= 0.
+        return (torch.expm1(x) - x).clamp(-_K3_CLAMP, _K3_CLAMP)
     raise ValueError(f"estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
 
 
@@ -355,7 +357,7 @@ def rollout_correction_weights(old_logp: torch.Tensor, rollout_logp: torch.Tenso
             "logp_gap_abs_mean": masked_mean(log_ratio.abs(), mask),
             "logp_gap_max": _masked_max(log_ratio.abs(), mask),
             "frac_corrected": frac,
-            "kl_k3": masked_mean(torch.exp(x) - x - 1, mask),
+            "kl_k3": masked_mean(torch.expm1(x) - x, mask),
             "kl_k1": masked_mean(-log_ratio, mask),
             "weight_mean": masked_mean(weights, mask),
         }
