@@ -23,6 +23,7 @@ from grpo.models import check_model_spec, load_model, load_model_and_tokenizer, 
 from grpo.rollout_io import tokenize_prompts
 from grpo.run_dir import plan_run
 from grpo.trainer import train
+from ner.data import select_sentences
 from ner.config_checks import dataset_problems, format_problems, reward_problems, reward_weights_help
 from ner.evaluation import make_eval_fn
 from ner.headroom import keep_disagreeing_prompts
@@ -40,6 +41,8 @@ class NERGRPOConfig(GRPOConfig):
     data_dir: str | None = _f(None, "data folder (default $NER_DATA_DIR or ../shared/data)")
     offset: int = _f(0, "skip the first N training sentences (e.g. the ones CoT tuning used)")
     limit: int = _f(0, "then use the next N training sentences (0 = all)")
+    sentence_seed: int = _f(-1, "-1: offset/limit count sentences in file order; N ≥ 0: in one fixed shuffle of the "
+                                "split by seed N (use the SFT stage's seed, so its sentences and these stay disjoint)")
     format: str = _f("tagged", "tagged (blog: one prompt per type) | json (ReasoningNER: all types at once)")
     k_shot: int = _f(2, "few-shot examples per prompt, drawn from the training split (see fewshot_data)")
     fewshot_data: str = _f("", "where few-shot examples come from: a registered name or folder (its train split) or "
@@ -88,14 +91,15 @@ class NERGRPOConfig(GRPOConfig):
 
 
 def build_train_prompts(cfg: NERGRPOConfig, tokenizer) -> tuple[list[dict], int]:
-    """The GRPO prompt list of ``cfg`` (before ``prompt_filter``): dataset, split, offset, limit, format, k_shot, prompt_seed,
-    max_empty_ratio, then the max_prompt_len cut. Returns (records, how many the cut dropped).
+    """The GRPO prompt list of ``cfg`` (before ``prompt_filter``): dataset, split, offset, limit, sentence_seed,
+    format, k_shot, prompt_seed, max_empty_ratio, then the max_prompt_len cut. Returns (records, how many the cut
+    dropped).
 
     train_grpo.main and ner.headroom both call this, so a headroom file's indices are this list's. Each record
     carries its ``prompt_ids`` (the trainer's tokenize_prompts uses them as they are instead of tokenizing again).
     """
     data = load_user_dataset(cfg.dataset, cfg.split, cfg.data_dir, cfg.label_map)
-    data.sentences = data.sentences[cfg.offset:cfg.offset + cfg.limit if cfg.limit else None]
+    data.sentences = select_sentences(data.sentences, cfg.offset, cfg.limit, cfg.sentence_seed)
     pool = load_user_dataset(cfg.fewshot_data or cfg.dataset, "train", cfg.data_dir, cfg.label_map,
                              require_keys=False)
     prompts = build_prompts(data, cfg.format, k_shot=cfg.k_shot, seed=cfg.prompt_seed, fewshot_pool=pool)

@@ -36,6 +36,8 @@ class NERSFTConfig(SFTConfig):
     split: str = _f("train", "split for CoT generation")
     data_dir: str | None = _f(None, "data folder (default $NER_DATA_DIR or ../shared/data)")
     limit: int = _f(0, "CoT generation: first N sentences (0 = all)")
+    sentence_seed: int = _f(-1, "-1: the first `limit` sentences in file order; N ≥ 0: the first `limit` of one fixed "
+                                "shuffle of the split by seed N (the GRPO stage's sentence_seed)")
     format: str = _f("tagged", "tagged (blog) | json (ReasoningNER); use the GRPO stage's format so SFT → GRPO "
                                "composes")
     k_shot: int = _f(2, "few-shot examples per prompt (as in the GRPO stage)")
@@ -78,7 +80,7 @@ def ensure_cot_data(cfg: NERSFTConfig) -> None:
     from ner.cot import build_cot_records, generate_cot, make_teacher
 
     records, sentences = build_cot_records(cfg.dataset, cfg.split, cfg.format, cfg.limit, cfg.k_shot,
-                                           cfg.prompt_seed, cfg.data_dir)
+                                           cfg.prompt_seed, cfg.data_dir, cfg.sentence_seed)
     generate_cot(records, sentences, make_teacher(cfg.teacher, seed=cfg.seed), cfg.data, cfg.cot_mode,
                  log=lambda s: print(s, file=sys.stderr))
 

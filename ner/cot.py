@@ -328,15 +328,15 @@ def generate_cot(records: list[dict], sentences: dict[str, Sentence], teacher, o
 
 
 def build_cot_records(dataset: str, split: str, fmt: str, limit: int = 0, k_shot: int = 0, prompt_seed: int = 0,
-                      data_dir: str | None = None) -> tuple[list[dict], dict[str, Sentence]]:
-    """Prompt records of the first ``limit`` sentences of a split, built exactly as ``train_grpo.py`` builds its
+                      data_dir: str | None = None, sentence_seed: int = -1) -> tuple[list[dict], dict[str, Sentence]]:
+    """Prompt records of the first ``limit`` sentences of a split (of its shuffle by ``sentence_seed`` ≥ 0,
+    ``ner.data.select_sentences``), built exactly as ``train_grpo.py`` builds its
     prompts (few-shot pool: the whole train split), so a model tuned on them meets the same prompts in GRPO."""
-    from ner.data import load_ner_dataset
+    from ner.data import load_ner_dataset, select_sentences
     from ner.prompts import build_prompts
 
     ds = load_ner_dataset(dataset, split, data_dir=data_dir)
-    if limit > 0:
-        ds.sentences = ds.sentences[:limit]
+    ds.sentences = select_sentences(ds.sentences, 0, limit, sentence_seed)
     pool = load_ner_dataset(dataset, "train", data_dir=data_dir) if k_shot else None
     records = build_prompts(ds, fmt, k_shot=k_shot, seed=prompt_seed, fewshot_pool=pool)
     by_id = {r["sentence_id"]: s for r, s in zip(_sentence_records(records), ds.sentences)}
@@ -359,6 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split", default="train")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--limit", type=int, default=0, help="first N sentences (0 = all)")
+    p.add_argument("--sentence_seed", type=int, default=-1,
+                   help="-1: file order; N ≥ 0: the first --limit of a fixed shuffle by seed N (ner.data)")
     p.add_argument("--format", default="json", choices=("tagged", "json"))
     p.add_argument("--k_shot", type=int, default=0, help="few-shot examples in the student prompt")
     p.add_argument("--prompt_seed", type=int, default=0, help="seed of the few-shot choice (as in train_grpo)")
@@ -380,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     records, sentences = build_cot_records(a.dataset, a.split, a.format, a.limit, a.k_shot, a.prompt_seed,
-                                             a.data_dir)
+                                             a.data_dir, a.sentence_seed)
     common = dict(api_key_env=a.api_key_env, temperature=a.temperature, max_tokens=a.max_new_tokens,
                   max_new_tokens=a.max_new_tokens, timeout=a.timeout, retries=a.retries,
                   concurrency=a.concurrency, seed=a.seed)

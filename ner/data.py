@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -421,3 +422,17 @@ def load_ner_dataset(name: str, split: str, data_dir: str | None = None, source:
     else:
         descriptions = {t: describe(t, name.removeprefix("crossner_")) for t in types}
     return NERDataset(name, split, sentences, types, descriptions)
+
+
+def select_sentences(sentences: list[Sentence], offset: int = 0, limit: int = 0, seed: int = -1) -> list[Sentence]:
+    """``sentences[offset : offset + limit]`` (``limit`` 0 = to the end) of the split in file order (``seed`` −1)
+    or of one fixed shuffle of it (``seed`` ≥ 0).
+
+    CoNLL-2003 train runs story by story, so its first 600 sentences come from a few dozen stories; a shuffle spreads
+    any slice over the whole split. Two stages that take
+    disjoint ranges under the same seed (CoT tuning ``[0, 1200)``, GRPO ``[4000, 6000)``) never share a sentence.
+    """
+    order = list(sentences)
+    if seed >= 0:
+        random.Random(seed).shuffle(order)
+    return order[offset:offset + limit if limit else None]

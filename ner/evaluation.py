@@ -30,14 +30,17 @@ def generate_completions(engine, tokenizer, records: list[dict], max_new_tokens:
                          progress: bool = True, split_over_ranks: bool = False) -> list[str]:
     """One completion per record, in record order, ``batch_size`` prompts per engine call.
 
-    ``split_over_ranks`` (the trainer's dev evaluation under torchrun): rank r generates records r, r + W, …, and the
-    completions are gathered, so every rank returns all of them. Every rank makes the same number of engine calls
-    (some with no prompts): under FSDP2 each call starts with a collective unshard. A row's sampled tokens depend
+    Records go to the engine longest prompt first. ``split_over_ranks`` (the trainer's dev evaluation under
+    torchrun): rank r generates every W-th record of that order, starting at r, and the completions are gathered,
+    so every rank returns all of them. Every rank makes the same number of engine calls (some with no prompts): under FSDP2 each call starts with a collective unshard. A row's sampled tokens depend
     only on its seed and row, so with ``temperature`` 0 the result is the one a single process gets.
     """
     prompt_ids = prompt_token_ids(tokenizer, records)
     rank, world = (get_rank(), get_world_size()) if split_over_ranks else (0, 1)
-    mine = list(range(rank, len(records), world))
+    # Longest prompts first: a call's rows then have similar prompts and, as answers grow with the sentence, similar
+    # answer lengths, so fewer rows idle while the longest answer of the call finishes.
+    by_length = sorted(range(len(records)), key=lambda i: (-len(prompt_ids[i]), i))
+    mine = by_length[rank::world]
     calls = math.ceil(math.ceil(len(records) / world) / batch_size)  # rank 0 holds the most records
     texts: list[str] = []
     with tqdm(total=len(mine), desc="generate", unit="prompt", disable=not progress or rank != 0) as bar:
@@ -48,10 +51,8 @@ def generate_completions(engine, tokenizer, records: list[dict], max_new_tokens:
                                        seed=seed + c * batch_size * world + rank)
             texts.extend(r.text for r in rollouts)
             bar.update(len(rollouts))
-    if world == 1:
-        return texts
     out: list[str] = [""] * len(records)
-    for indices, part_texts in all_gather_objects((mine, texts)):
+    for indices, part_texts in (all_gather_objects((mine, texts)) if world > 1 else [(mine, texts)]):
         for i, text in zip(indices, part_texts):
             out[i] = text
     return out

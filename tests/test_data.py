@@ -268,3 +268,31 @@ def test_hub_row_conversion_on_classlabel_dataset():
     assert spans(sents) == [[("person", 0, 2, "John Smith"), ("location", 4, 7, "New York City")],
                             [("organisation", 0, 1, "EU"), ("misc", 2, 3, "German")]]
     assert sents[1].id == "1" and sents[0].tokens == TOKENS[0]
+
+
+def test_select_sentences_file_order_or_one_fixed_shuffle_with_disjoint_ranges():
+    from ner.data import select_sentences
+
+    sents = [Sentence(id=f"s{i}", tokens=[f"w{i}"], entities=[]) for i in range(50)]
+    assert select_sentences(sents, 5, 10) == sents[5:15]          # seed -1: file order, as slicing
+    assert select_sentences(sents, 45, 0) == sents[45:]           # limit 0: to the end
+    head, tail = select_sentences(sents, 0, 20, seed=3), select_sentences(sents, 20, 0, seed=3)
+    assert head == select_sentences(sents, 0, 20, seed=3)         # the same shuffle every call
+    assert sorted(s.id for s in head + tail) == sorted(s.id for s in sents)  # disjoint and complete
+    assert head != sents[:20] and head != select_sentences(sents, 0, 20, seed=4)
+
+
+def test_sft_and_grpo_stages_take_disjoint_sentences_of_one_shuffle(smollm2_tokenizer):
+    import train_grpo
+    from grpo.config import parse_config
+    from ner.cot import build_cot_records
+
+    sft_records, _ = build_cot_records("conll2003", "train", "json", limit=40, sentence_seed=11)
+    cfg = parse_config(train_grpo.NERGRPOConfig, ["--format", "json", "--k_shot", "0", "--offset", "40",
+                                                  "--limit", "40", "--sentence_seed", "11"])
+    grpo_prompts, _ = train_grpo.build_train_prompts(cfg, smollm2_tokenizer)
+    sft_ids = {r["sentence_id"] for r in sft_records}
+    grpo_ids = {r["sentence_id"] for r in grpo_prompts}
+    assert len(sft_ids) == 40 and len(grpo_ids) == 40 and not sft_ids & grpo_ids
+    # the SFT slice is the head of the split's shuffle, not its first sentences
+    assert sft_ids != {f"train.txt:{i}" for i in range(40)}

@@ -168,6 +168,23 @@ def test_rows_for_step_covers_each_epoch_once():
     assert rows_for_step(10, 4, 4, seed=0) == rows_for_step(10, 4, 4, seed=0)   # pure function of the step
 
 
+def test_rows_for_step_by_length_groups_neighbours_and_covers_each_epoch_once():
+    from grpo.sft import GROUP_STEPS
+    # One group of 4 * GROUP_STEPS rows with distinct lengths: every step holds 4 rows adjacent in length order.
+    n, per_step = 4 * GROUP_STEPS, 4
+    lengths = [(i * 37) % 101 + 1 for i in range(n)]
+    by_length = sorted(range(n), key=lambda i: -lengths[i])
+    runs = {frozenset(by_length[k:k + per_step]) for k in range(0, n, per_step)}
+    steps = [rows_for_step(n, s, per_step, seed=3, lengths=lengths) for s in range(GROUP_STEPS)]
+    assert all(frozenset(step) in runs for step in steps)
+    assert sorted(i for step in steps for i in step) == list(range(n))
+    assert [max(lengths[i] for i in step) for step in steps] != sorted(  # steps not visited short to long
+        (max(lengths[i] for i in step) for step in steps), reverse=True)
+    # A short last step (10 rows, 4 per step) still covers the epoch once and wraps to its start.
+    seen = [i for s in range(3) for i in rows_for_step(10, s, 4, seed=0, lengths=list(range(10)))]
+    assert sorted(seen[:10]) == list(range(10)) and seen[10:] == seen[:2]
+
+
 def _pairs() -> list[tuple[str, str]]:
     names = ["Japan", "Paris", "Obama", "Reuters", "Nile", "Sony", "Oslo", "Messi"]
     return [(f"<|im_start|>user\nItem {i}?<|im_end|>\n<|im_start|>assistant\n",
