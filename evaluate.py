@@ -2,8 +2,12 @@
 
     python evaluate.py --model smollm2-135m-instruct --dataset conll2003 --split test --limit 500 --format tagged
     python evaluate.py --model runs/grpo/checkpoint-0000020 --dataset crossner_ai,crossner_music --format json
+    python evaluate.py --model runs/grpo_smollm2_conll --dataset crossner --format json --k_shot 0
+    python evaluate.py --dataset crossner --format json --k_shot 0 --max_new_tokens 512 --fit_only
     python evaluate.py --compare outputs/sft/report.json outputs/grpo/report.json --out_dir outputs/sft_vs_grpo
-Several datasets give one table with a row per dataset and their average. report.json keeps every sentence's
+Several datasets give one table with a row per dataset and their average, and ReasoningNER's Table 1 layout
+(ner/crossner_table.py: a column per dataset, a row per protocol, the published rows). Every dataset's fit (answers
+cut by --max_new_tokens, prompts over --max_prompt_len) is reported; --fit_only counts tokens without a model. report.json keeps every sentence's
 gold, prediction and raw answers, and the micro scores under each protocol of ner/protocols.py (--protocol);
 ``--compare`` reads two such files (no model is loaded) and reports B − A with paired bootstrap intervals.
 """
@@ -30,7 +34,9 @@ from ner.protocols import format_protocols, protocol_names, score_protocols
 class EvalConfig:
     """Evaluate a model's reasoning-NER F1 on data sets (or: `--compare A/report.json B/report.json --help`)."""
     model: str = _f("smollm2-135m-instruct", "model: local folder / checkpoint, hub id, or smollm2-135m-instruct")
-    dataset: list[str] = list_option(["conll2003"], "one or more registered names or data files (comma-separated)")
+    dataset: list[str] = list_option(["conll2003"], "one or more registered names, groups (crossner: its five "
+                                                    "domains in ReasoningNER's Table 1 order) or data files "
+                                                    "(comma-separated)")
     split: str = _f("", "split to evaluate of a registered data set or a folder of train/dev/test files "
                         "(empty = test); a single data file is scored whole and takes no split")
     limit: int = _f(0, "first N sentences of each dataset (0 = all); the output says how many of how many")
@@ -46,7 +52,11 @@ class EvalConfig:
     schema: str = _f("", "a .yaml/.json file of `type: description` (ner/schema.py): the descriptions the prompt "
                          "shows for your data's types, over the data set's and the checkpoint recipe's")
     prompt_seed: int = _f(0, "seed of the few-shot example choice")
-    max_new_tokens: int = _f(256, "generation budget per answer")
+    max_new_tokens: int = _f(256, "generation budget per answer; answers it cuts are counted per dataset")
+    max_prompt_len: int = _f(0, "sentences whose prompt is longer than this many tokens are left out and counted "
+                                "(0 = keep every sentence)")
+    fit_only: bool = _f(False, "count prompt and gold-answer tokens per dataset with the model's tokenizer alone "
+                               "(ner/token_fit.py) against --max_new_tokens / --max_prompt_len; no model loads")
     temperature: float = _f(0.0, "0 = greedy")
     batch_size: int = _f(32, "prompts per engine call")
     engine: str = _f("auto", "torch | vllm | auto (vllm on a CUDA machine with vLLM installed, else torch)")
@@ -61,6 +71,9 @@ class EvalConfig:
 
     def validate(self) -> None:
         from grpo.grpo_config import dtype_problems
+        from ner.crossner_table import expand_dataset_groups
+
+        self.dataset = expand_dataset_groups(self.dataset)
 
         problems = (format_problems(self.format) if self.format else []) + dtype_problems(self.dtype)  # "": recipe
         try:
@@ -71,7 +84,7 @@ class EvalConfig:
             problems.append(f"match={self.match!r}: expected one of {', '.join(MATCH_MODES)}")
         if self.engine not in ("torch", "vllm", "auto"):
             problems.append(f"engine={self.engine!r}: expected torch | vllm | auto")
-        for name in ("limit", "samples"):
+        for name in ("limit", "samples", "max_prompt_len"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be ≥ 0")
         if self.k_shot < -1:
@@ -138,14 +151,18 @@ def evaluate(cfg: EvalConfig) -> dict:
     from grpo.errors import report_disk_full
     from grpo.models import load_model_and_tokenizer
     from ner.data import load_ner_dataset
+    from ner.crossner_table import format_table1, table1
     from ner.evaluation import evaluate_dataset, load_eval_data
     from ner.recipe import evaluation_settings
+    from ner.token_fit import format_generation_fit
 
     cfg.format, cfg.k_shot, stop, descriptions, note = evaluation_settings(cfg.model, cfg.format, cfg.k_shot)
     descriptions = with_schema(descriptions, cfg.schema)
     print(f"prompt: {note}", file=sys.stderr)
     for name in cfg.dataset:  # every data problem surfaces before the model loads
         load_eval_data(name, cfg.split, cfg.limit, cfg.k_shot, cfg.data_dir, cfg.fewshot_data, cfg.label_map)
+    if cfg.fit_only:
+        return fit_only(cfg, descriptions)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, device)
     model.eval()
@@ -155,11 +172,11 @@ def evaluate(cfg: EvalConfig) -> dict:
                        f"match `{cfg.match}`, temperature {cfg.temperature}\n"]
     for name in cfg.dataset:
         t0 = time.perf_counter()
-        report, rows, sentences = evaluate_dataset(
+        report, rows, sentences, fit = evaluate_dataset(
             engine, tokenizer, name, cfg.split, cfg.limit, cfg.format, cfg.k_shot, cfg.prompt_seed,
             cfg.max_new_tokens, cfg.data_dir, stop=stop, mode=cfg.match, batch_size=cfg.batch_size,
             temperature=cfg.temperature, fewshot_data=cfg.fewshot_data, label_map=cfg.label_map,
-            descriptions=descriptions)
+            descriptions=descriptions, max_prompt_len=cfg.max_prompt_len or None)
         seconds = time.perf_counter() - t0
         table = format_table(report)
         # report.per_type is keyed by the dataset's schema, in its order: the types the protocols score.
@@ -173,7 +190,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         results[name] = {"report": report.to_dict(), "seconds": seconds, "sentences_scored": len(sentences),
                          "sentences_total": n_total,
                          "format_ok": sum(r["format_ok"] for r in rows) / max(len(rows), 1),
-                         "protocols": protocols, "sentences": sentences}
+                         "protocols": protocols, "fit": fit, "sentences": sentences}
         md += [f"\n## {name}\n", f"Scored {scored}.\n", table, "\n### Micro scores by protocol\n", protocol_table, "\n### Errors\n",
                "\n".join(f"- {k}: {v}" for k, v in report.to_dict().get("errors", {}).items()),
                "\n### Sample outputs\n"]
@@ -189,14 +206,38 @@ def evaluate(cfg: EvalConfig) -> dict:
         fmt_ok = sum(res["format_ok"] for res in results.values()) / len(results)
         summary.append(f"| **average** | {avg['precision']:.4f} | {avg['recall']:.4f} | {avg['f1']:.4f} | {fmt_ok:.3f} |")
         results["average"] = avg
-    print("\n" + "\n".join(summary))
+    fits = format_generation_fit({name: res["fit"] for name, res in results.items() if "fit" in res})
+    overview = ["\n" + "\n".join(summary) + "\n", "\n## Fit: answers cut, prompts dropped\n", fits]
+    saved = {"config": vars(cfg), "results": results}
+    if len(cfg.dataset) > 1:
+        saved["table1"] = table1(results)
+        overview[1:1] = ["\n## Table 1 layout (ReasoningNER, zero-shot CrossNER): F1 %\n",
+                         format_table1(saved["table1"])]
+    print("\n".join(overview))
     out = Path(cfg.out_dir)
     with report_disk_full(out):
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps({"config": vars(cfg), "results": results}, indent=2))
-        (out / "report.md").write_text("\n".join(md[:2] + ["\n" + "\n".join(summary) + "\n"] + md[2:]) + "\n")
+        (out / "report.json").write_text(json.dumps(saved, indent=2))
+        (out / "report.md").write_text("\n".join(md[:2] + overview + md[2:]) + "\n")
     print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
     return results
+
+
+def fit_only(cfg: EvalConfig, descriptions: dict[str, str] | None) -> dict:
+    """``--fit_only``: ner.token_fit's counts of every dataset's prompts and gold answers, with the tokenizer only."""
+    from grpo.models import load_tokenizer
+    from ner.evaluation import build_eval_records
+    from ner.token_fit import format_tokenizer_fit, tokenizer_fit
+
+    tokenizer = load_tokenizer(cfg.model)
+    fits = {}
+    for name in cfg.dataset:
+        data, records = build_eval_records(name, cfg.split, cfg.limit, cfg.format, cfg.k_shot, cfg.prompt_seed,
+                                           cfg.data_dir, cfg.fewshot_data, cfg.label_map, descriptions)
+        fits[name] = tokenizer_fit(tokenizer, data, records, cfg.max_new_tokens, cfg.max_prompt_len or None)
+    print(f"tokens of `{cfg.model}`'s tokenizer, format {cfg.format}, k_shot {cfg.k_shot}\n"
+          + format_tokenizer_fit(fits))
+    return fits
 
 
 if __name__ == "__main__":

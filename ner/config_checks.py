@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ner.crossner_table import DATASET_GROUPS
 from ner.data import REGISTRY, SPLITS, default_data_dir
 from ner.prompts import FORMATS
 from ner.rewards import PRESETS, REWARDS
@@ -24,8 +25,8 @@ def dataset_problems(field: str, name: str, split: str, data_dir: str | None) ->
         return []
     if Path(name).is_file() or Path(name).is_dir():  # a folder's split files are checked when it is read
         return []
-    return [f"{field}={name!r}: neither a registered data set ({', '.join(REGISTRY)}) nor an existing file or "
-            f"folder"]
+    return [f"{field}={name!r}: neither a registered data set ({', '.join(REGISTRY)}; evaluate.py also takes the "
+            f"group {', '.join(DATASET_GROUPS)}) nor an existing file or folder"]
 
 
 def format_problems(fmt: str) -> list[str]:

@@ -6,7 +6,7 @@ sentence before scoring, so both formats are scored on the same unit: (sentence,
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from tqdm import tqdm
 
@@ -25,13 +25,21 @@ def prompt_token_ids(tokenizer, records: list[dict]) -> list[list[int]]:
     return [tokenizer(render_prompt(tokenizer, r), add_special_tokens=False)["input_ids"] for r in records]
 
 
-def generate_completions(engine, tokenizer, records: list[dict], max_new_tokens: int, temperature: float = 0.0,
-                         top_p: float = 1.0, stop: list[str] | None = None, seed: int = 0, batch_size: int = 32,
-                         progress: bool = True, split_over_ranks: bool = False) -> list[str]:
-    """One completion per record, in record order, ``batch_size`` prompts per engine call.
+class Answer(NamedTuple):
+    """One generated answer: its text, why it ended ("stop": EOS or a stop string; "length": cut by
+    max_new_tokens) and how many tokens it took (the EOS or stop-string tokens included)."""
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+def generate_answers(engine, tokenizer, records: list[dict], max_new_tokens: int, temperature: float = 0.0,
+                     top_p: float = 1.0, stop: list[str] | None = None, seed: int = 0, batch_size: int = 32,
+                     progress: bool = True, split_over_ranks: bool = False) -> list[Answer]:
+    """One ``Answer`` per record, in record order, ``batch_size`` prompts per engine call.
 
     Records go to the engine longest prompt first. ``split_over_ranks`` (the trainer's dev evaluation under
-    torchrun): rank r generates every W-th record of that order, starting at r, and the completions are gathered,
+    torchrun): rank r generates every W-th record of that order, starting at r, and the answers are gathered,
     so every rank returns all of them. Every rank makes the same number of engine calls (some with no prompts): under FSDP2 each call starts with a collective unshard. A row's sampled tokens depend
     only on its seed and row, so with ``temperature`` 0 the result is the one a single process gets.
     """
@@ -42,20 +50,25 @@ def generate_completions(engine, tokenizer, records: list[dict], max_new_tokens:
     by_length = sorted(range(len(records)), key=lambda i: (-len(prompt_ids[i]), i))
     mine = by_length[rank::world]
     calls = math.ceil(math.ceil(len(records) / world) / batch_size)  # rank 0 holds the most records
-    texts: list[str] = []
+    answers: list[Answer] = []
     with tqdm(total=len(mine), desc="generate", unit="prompt", disable=not progress or rank != 0) as bar:
         for c in range(calls):
             part = mine[c * batch_size:(c + 1) * batch_size]
             rollouts = engine.generate([prompt_ids[i] for i in part], n=1, max_new_tokens=max_new_tokens,
                                        temperature=temperature, top_p=top_p, stop=stop,
                                        seed=seed + c * batch_size * world + rank)
-            texts.extend(r.text for r in rollouts)
+            answers.extend(Answer(r.text, r.finish_reason, len(r.completion_ids)) for r in rollouts)
             bar.update(len(rollouts))
-    out: list[str] = [""] * len(records)
-    for indices, part_texts in (all_gather_objects((mine, texts)) if world > 1 else [(mine, texts)]):
-        for i, text in zip(indices, part_texts):
-            out[i] = text
+    out: list[Answer] = [Answer("", "", 0)] * len(records)
+    for indices, part_answers in (all_gather_objects((mine, answers)) if world > 1 else [(mine, answers)]):
+        for i, answer in zip(indices, part_answers):
+            out[i] = answer
     return out
+
+
+def generate_completions(*args, **kwargs) -> list[str]:
+    """The texts of ``generate_answers`` (same arguments): for callers that need no finish reasons."""
+    return [answer.text for answer in generate_answers(*args, **kwargs)]
 
 
 def drop_long_sentences(tokenizer, records: list[dict], max_prompt_len: int | None) -> tuple[list[dict], int]:
@@ -136,25 +149,54 @@ def load_eval_data(dataset: str, split: str, limit: int, k_shot: int, data_dir: 
     return data, load_fewshot_pool(dataset, split, k_shot, fewshot_data, data_dir, label_map)
 
 
+def build_eval_records(dataset: str, split: str, limit: int, fmt: str, k_shot: int, prompt_seed: int,
+                       data_dir: str | None = None, fewshot_data: str = "", label_map: dict[str, str] | None = None,
+                       descriptions: dict[str, str] | None = None) -> tuple[NERDataset, list[dict]]:
+    """(the data scored, its prompt records): what ``evaluate_dataset`` generates on, and ner.token_fit counts.
+    ``descriptions`` (a checkpoint recipe's) replace the data set's for the types both have."""
+    data, pool = load_eval_data(dataset, split, limit, k_shot, data_dir, fewshot_data, label_map)
+    data.descriptions = {**data.descriptions, **{t: d for t, d in (descriptions or {}).items() if t in data.types}}
+    return data, build_prompts(data, fmt, k_shot=k_shot, seed=prompt_seed, fewshot_pool=pool)
+
+
+def length_stats(lengths: list[int]) -> dict[str, float | int]:
+    """Mean and max of token counts (0 and 0 for none)."""
+    return {"mean": sum(lengths) / len(lengths) if lengths else 0.0, "max": max(lengths, default=0)}
+
+
+def generation_fit(prompt_lengths: list[int], answers: list[Answer], n_sentences: int, n_dropped: int,
+                   max_new_tokens: int, max_prompt_len: int | None) -> dict:
+    """Did prompts and answers fit? ``prompt_lengths``: every prompt built, the dropped ones too; ``answers``: the
+    generated ones. A truncated answer is one the engine ended for ``max_new_tokens`` (finish_reason "length"):
+    its JSON is usually unparseable, so it scores as a miss, and a share above zero means the budget is short."""
+    truncated = sum(answer.finish_reason == "length" for answer in answers)
+    return {"sentences": n_sentences, "max_prompt_len": max_prompt_len, "dropped_long": n_dropped,
+            "dropped_share": n_dropped / n_sentences if n_sentences else 0.0,
+            "prompt_tokens": length_stats(prompt_lengths),
+            "answers": len(answers), "max_new_tokens": max_new_tokens, "truncated": truncated,
+            "truncated_share": truncated / len(answers) if answers else 0.0,
+            "answer_tokens": length_stats([answer.completion_tokens for answer in answers])}
+
+
 def evaluate_dataset(engine, tokenizer, dataset: str, split: str, limit: int, fmt: str, k_shot: int,
                      prompt_seed: int, max_new_tokens: int, data_dir: str | None = None,
                      stop: list[str] | None = None, mode: str = "exact", batch_size: int = 32,
                      temperature: float = 0.0, progress: bool = True, fewshot_data: str = "",
                      label_map: dict[str, str] | None = None, descriptions: dict[str, str] | None = None,
                      max_prompt_len: int | None = None, split_over_ranks: bool = False
-                     ) -> tuple[NERReport, list[dict], list[dict]]:
-    """Generate on the first ``limit`` sentences and score: ``score_sentences``'s report, rows, sentences.
-    ``descriptions`` (a checkpoint recipe's) replace the data set's for the types both have. ``max_prompt_len``:
-    sentences with a longer prompt are left out (``drop_long_sentences``); ``split_over_ranks``: see
-    ``generate_completions``."""
-    data, pool = load_eval_data(dataset, split, limit, k_shot, data_dir, fewshot_data, label_map)
-    data.descriptions = {**data.descriptions, **{t: d for t, d in (descriptions or {}).items() if t in data.types}}
-    records = build_prompts(data, fmt, k_shot=k_shot, seed=prompt_seed, fewshot_pool=pool)
-    records, _ = drop_long_sentences(tokenizer, records, max_prompt_len)
-    completions = generate_completions(engine, tokenizer, records, max_new_tokens, temperature=temperature,
-                                       stop=stop if stop is not None else STOP[fmt], batch_size=batch_size,
-                                       progress=progress, split_over_ranks=split_over_ranks)
-    return score_sentences(records, completions, data.types, mode)
+                     ) -> tuple[NERReport, list[dict], list[dict], dict]:
+    """Generate on the first ``limit`` sentences and score: ``score_sentences``'s report, rows, sentences, and
+    ``generation_fit``'s dict. ``descriptions``: see ``build_eval_records``. ``max_prompt_len``: sentences with a
+    longer prompt are left out (``drop_long_sentences``); ``split_over_ranks``: see ``generate_answers``."""
+    data, records = build_eval_records(dataset, split, limit, fmt, k_shot, prompt_seed, data_dir, fewshot_data,
+                                       label_map, descriptions)
+    prompt_lengths = [len(ids) for ids in prompt_token_ids(tokenizer, records)]
+    records, n_dropped = drop_long_sentences(tokenizer, records, max_prompt_len)
+    answers = generate_answers(engine, tokenizer, records, max_new_tokens, temperature=temperature,
+                               stop=stop if stop is not None else STOP[fmt], batch_size=batch_size,
+                               progress=progress, split_over_ranks=split_over_ranks)
+    fit = generation_fit(prompt_lengths, answers, len(data.sentences), n_dropped, max_new_tokens, max_prompt_len)
+    return (*score_sentences(records, [answer.text for answer in answers], data.types, mode), fit)
 
 
 def make_eval_fn(engine, tokenizer, dataset: str, split: str, limit: int, fmt: str, k_shot: int, prompt_seed: int,
@@ -170,7 +212,7 @@ def make_eval_fn(engine, tokenizer, dataset: str, split: str, limit: int, fmt: s
     data, _ = load_eval_data(dataset, split, limit, k_shot, data_dir, fewshot_data, label_map)
 
     def eval_fn(step: int) -> dict[str, float]:
-        report, rows, sentences = evaluate_dataset(
+        report, rows, sentences, _ = evaluate_dataset(
             engine, tokenizer, dataset, split, limit, fmt, k_shot, prompt_seed, max_new_tokens, data_dir, stop,
             progress=False, fewshot_data=fewshot_data, label_map=label_map, max_prompt_len=max_prompt_len,
             split_over_ranks=True)
