@@ -111,6 +111,6 @@ def format_table1(table: dict) -> str:
         cells = [row["f1"][name] for name in table["columns"]] + [row["average"], row["paper_average"]]
         lines.append(f"| {row['label']} | " + " | ".join(_cell(v) for v in cells) + " |")
     note = ("Avg: the unweighted mean of the columns shown (— when a published row has no cell there). The paper's "
-            "Avg is over seven sets, MIT Movie and MIT Restaurant included, so compare the Avg column, not it. "
+            "Avg is over seven sets (MIT Movie and MIT Restaurant too): compare our rows with the Avg column. "
             f"Published rows: {table['citation']}.")
     return "\n".join(lines) + "\n\n" + note
