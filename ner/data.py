@@ -429,8 +429,8 @@ def select_sentences(sentences: list[Sentence], offset: int = 0, limit: int = 0,
     or of one fixed shuffle of it (``seed`` ≥ 0).
 
     CoNLL-2003 train runs story by story, so its first 600 sentences come from a few dozen stories; a shuffle spreads
-    any slice over the whole split. Two stages that take
-    disjoint ranges under the same seed (CoT tuning ``[0, 1200)``, GRPO ``[4000, 6000)``) never share a sentence.
+    any slice over the whole split. Two stages that take disjoint ranges under the same seed (CoT tuning
+    ``[0, 1200)``, GRPO ``[4000, 6000)``) never share a sentence.
     """
     order = list(sentences)
     if seed >= 0:

@@ -22,7 +22,10 @@ STOP = {"tagged": ["</entity>"], "json": None}
 
 
 def prompt_token_ids(tokenizer, records: list[dict]) -> list[list[int]]:
-    return [tokenizer(render_prompt(tokenizer, r), add_special_tokens=False)["input_ids"] for r in records]
+    """Each record's chat-rendered prompt as token ids: its ``prompt_ids`` when it carries them (tokenised once
+    upstream, as ``evaluate_dataset`` and train_grpo do), else tokenised here."""
+    return [r["prompt_ids"] if "prompt_ids" in r else
+            tokenizer(render_prompt(tokenizer, r), add_special_tokens=False)["input_ids"] for r in records]
 
 
 class Answer(NamedTuple):
@@ -40,8 +43,9 @@ def generate_answers(engine, tokenizer, records: list[dict], max_new_tokens: int
 
     Records go to the engine longest prompt first. ``split_over_ranks`` (the trainer's dev evaluation under
     torchrun): rank r generates every W-th record of that order, starting at r, and the answers are gathered,
-    so every rank returns all of them. Every rank makes the same number of engine calls (some with no prompts): under FSDP2 each call starts with a collective unshard. A row's sampled tokens depend
-    only on its seed and row, so with ``temperature`` 0 the result is the one a single process gets.
+    so every rank returns all of them. Every rank makes the same number of engine calls (some with no prompts):
+    under FSDP2 each call starts with a collective unshard. A row's sampled tokens depend only on its seed and row,
+    so with ``temperature`` 0 the result is the one a single process gets.
     """
     prompt_ids = prompt_token_ids(tokenizer, records)
     rank, world = (get_rank(), get_world_size()) if split_over_ranks else (0, 1)
@@ -190,7 +194,9 @@ def evaluate_dataset(engine, tokenizer, dataset: str, split: str, limit: int, fm
     longer prompt are left out (``drop_long_sentences``); ``split_over_ranks``: see ``generate_answers``."""
     data, records = build_eval_records(dataset, split, limit, fmt, k_shot, prompt_seed, data_dir, fewshot_data,
                                        label_map, descriptions)
-    prompt_lengths = [len(ids) for ids in prompt_token_ids(tokenizer, records)]
+    # Tokenised once here: the length cut, the fit report and the engine all read these ids.
+    records = [{**r, "prompt_ids": ids} for r, ids in zip(records, prompt_token_ids(tokenizer, records))]
+    prompt_lengths = [len(r["prompt_ids"]) for r in records]
     records, n_dropped = drop_long_sentences(tokenizer, records, max_prompt_len)
     answers = generate_answers(engine, tokenizer, records, max_new_tokens, temperature=temperature,
                                stop=stop if stop is not None else STOP[fmt], batch_size=batch_size,
