@@ -73,7 +73,10 @@ def main() -> None:
     cfg = GRPOConfig(prompts_per_step=len(common.PROMPTS), group_size=common.G, max_completion_len=args.new,
                      micro_batch_size=len(common.PROMPTS) * common.G, mu=1, beta=common.BETA, lr=common.LR,
                      warmup_ratio=0.0, lr_scheduler="constant", reward_weights={"bench": 1.0})
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(args.device))
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # "cuda" alone: set_device needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     if info.device.type == "cuda":
         torch.cuda.set_device(info.device)
     policy, tok = load_model_and_tokenizer(args.model, "float32", info.device)

@@ -278,6 +278,15 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float
     return float(norm.item())
 
 
+def _fsdp_param_groups(state) -> list:
+    """The parameter groups of one FSDP2 state: a list from torch 2.12 (`_fsdp_param_groups`), before that a single
+    group or None (`_fsdp_param_group`; torch 2.11 is what the GPU machines ship)."""
+    if hasattr(state, "_fsdp_param_groups"):
+        return list(state._fsdp_param_groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [] if group is None else [group]
+
+
 @contextlib.contextmanager
 def fsdp_unsharded(model: torch.nn.Module) -> Iterator[None]:
     """Keep every FSDP2 module of `model` unsharded for the block, then reshard (a no-op on an unsharded model).
@@ -299,7 +308,7 @@ def fsdp_unsharded(model: torch.nn.Module) -> Iterator[None]:
     for name, m in named:
         if not any(other == "" or name.startswith(other + ".") for other, _ in named if other != name):
             m._get_fsdp_state()._lazy_init()
-    groups = [g for m in fsdp_modules for g in m._get_fsdp_state()._fsdp_param_groups]
+    groups = [g for m in fsdp_modules for g in _fsdp_param_groups(m._get_fsdp_state())]
     saved = [g.post_forward_mesh_info for g in groups]
     try:
         for g in groups:

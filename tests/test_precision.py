@@ -98,3 +98,13 @@ def test_bf16_weights_alone_lose_the_update(initial):
     moved = [(p != start[n].to(torch.bfloat16)).float().mean().item() for n, p in model.named_parameters()
              if p.dim() == 2]
     assert max(moved) < 0.5
+
+
+def test_fsdp_param_groups_reads_both_torch_layouts():
+    """torch >= 2.12 keeps a list `_fsdp_param_groups`; 2.11 (the GPU machines' torch) one `_fsdp_param_group`
+    or None. fsdp_unsharded failed on the GPU with the list-only lookup (scripts/gpu_check.sh, part (c))."""
+    from types import SimpleNamespace
+    a, b = object(), object()
+    assert D._fsdp_param_groups(SimpleNamespace(_fsdp_param_groups=[a, b])) == [a, b]
+    assert D._fsdp_param_groups(SimpleNamespace(_fsdp_param_group=a)) == [a]
+    assert D._fsdp_param_groups(SimpleNamespace(_fsdp_param_group=None)) == []
