@@ -9,8 +9,7 @@ TorchEngine runs the very `nn.Module` being trained (no weight copies, so `updat
   3. decodes one token per step for all live rows with a preallocated KV cache (no per-step torch.cat), computing
      logits for the last position only, and drops finished rows (and all-padding columns) from the batch every few
      finished rows, so short completions stop costing compute.
-Attention runs SDPA with native grouped-query support even when a padding mask is present (transformers' sdpa path
-otherwise materialises repeated K/V every layer and step, which dominates CPU decode time at long contexts).
+Attention runs SDPA with native grouped-query support even when a padding mask is present (grpo/gqa_attention.py).
 Sampling (grpo/sampling.py) draws per-row seeded noise, so a row's output does not depend on batch composition.
 On CPU every nn.Linear runs through a oneDNN copy of its weight packed at the start of the call
 (grpo/packed_linear.py): a decode step multiplies a few rows by every matrix, where the default GEMM's per-call
@@ -28,13 +27,10 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import AttentionInterface
 
 from grpo.distributed import fsdp_unsharded
+from grpo.gqa_attention import gqa_attention
 from grpo.kv_cache import cache_drop_leading, cache_select, new_cache, padded_positions, plain_full_attention
 from grpo.packed_linear import packed_linears
 from grpo.sampling import StopStrings, exponential_noise, row_generators, sample_next_tokens
@@ -61,42 +57,6 @@ class RolloutEngine(Protocol):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Attention
-
-GQA_SDPA = "grpo_sdpa_gqa"
-
-
-def _sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                        **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa attention, but with `enable_gqa=True` when a mask is present instead of repeating K/V.
-
-    query (B, H, q, D), key/value (B, Hkv, kv, D), attention_mask (B, 1, q, kv) bool/additive or None.
-    Returns (B, q, H, D) like every transformers attention function.
-    """
-    groups = getattr(module, "num_key_value_groups", 1)
-    if attention_mask is None or groups == 1 or kwargs.get("position_bias") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    b, h, q, d = query.shape
-    if q == 1 and attention_mask.shape[-2] == 1:
-        # Decode step: fold each K/V head's query group into the query-length axis, (B, Hkv, groups, D), so every
-        # K/V head is read once for its whole group (~1/3 less time than enable_gqa on CPU). Query head
-        # j * groups + g uses K/V head j, as in transformers' repeat_kv.
-        folded = query.reshape(b, key.shape[1], groups, d)
-        out = F.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                             scale=scaling)
-        return out.reshape(b, 1, h, d), None
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                         scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(GQA_SDPA, _sdpa_gqa_attention)
-AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Model state around generation
 
 @contextlib.contextmanager
@@ -109,21 +69,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, was_training in modes:
             m.training = was_training
-
-
-@contextlib.contextmanager
-def _gqa_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Route the model's sdpa attention through `_sdpa_gqa_attention` for the block."""
-    config = getattr(model, "config", None)
-    original = getattr(config, "_attn_implementation", None)
-    if original != "sdpa":
-        yield
-        return
-    config._attn_implementation = GQA_SDPA
-    try:
-        yield
-    finally:
-        config._attn_implementation = original
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,7 +212,7 @@ class TorchEngine:
         chunks = plan_chunks([len(prompts[p]) for _, p in rows], max_new_tokens, self.max_batch_tokens)
         stop_strings = StopStrings(self.tokenizer, stop)
         results: list[Rollout | None] = [None] * len(rows)
-        with fsdp_unsharded(self.model), _eval_mode(self.model), _gqa_attention(self.model), \
+        with fsdp_unsharded(self.model), _eval_mode(self.model), gqa_attention(self.model), \
                 torch.inference_mode(), packed_linears(self.model, self.pack_weights):
             for start, end in chunks:
                 chunk = rows[start:end]
