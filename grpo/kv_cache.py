@@ -1,6 +1,7 @@
-"""The decode KV cache: a preallocated transformers cache layer, and the helpers the engine and trainer share.
+"""The decode KV cache: a preallocated transformers cache layer, the helpers the engine and trainer share, and
+`DecodeBatch`, the running rows of TorchEngine's decode loop (compacted as rows finish, joined by waiting rows).
 
-Shapes: B rows, Hkv key/value heads, D head dim; capacity = the longest sequence a generation chunk can reach.
+Shapes: B rows, Hkv key/value heads, D head dim; capacity = the longest sequence the batch's rows can reach.
 """
 from __future__ import annotations
 
