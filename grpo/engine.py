@@ -172,7 +172,7 @@ class TorchEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_batch_tokens: int = 32768,
                  eos_token_ids: list[int] | None = None, compact_fraction: float = 0.125, pack_weights: bool = True,
-                 share_prefixes: bool = True, continuous: bool = True):
+                 share_prefixes: bool = True, continuous: bool = True, join_fraction: float = 0.25):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
         self.model = model
@@ -193,6 +193,9 @@ class TorchEngine:
         # Continuous batching: waiting rows join the running batch whenever finished rows leave it (see _decode).
         # False runs plan_chunks' chunks one after another (the engine before continuous batching; for benches).
         self.continuous = continuous
+        # A join costs a prefill (which re-runs the shared prompt prefix) and a cache copy, so waiting rows join only
+        # in groups of at least this fraction of the batch they make (or all that still wait).
+        self.join_fraction = join_fraction
         # What the last generate call did: prefill passes, joins into a running batch, decode steps (and their rows
         # summed), peak rows.
         self.stats: dict[str, int] = {}
@@ -316,6 +319,8 @@ class TorchEngine:
                 running, width = (len(batch.rows), batch.width) if batch else (0, 0)
                 take = min(len(prompts) - queued, rows_that_fit(running, max(width, len(prompts[queued])), max_new,
                                                                  self.max_batch_tokens))
+                if running and take < min(len(prompts) - queued, int((running + take) * self.join_fraction)):
+                    take = 0  # too few to be worth a join: wait until more rows finish
             if take:
                 joining = list(range(queued, queued + take))
                 if temperature > 0:
