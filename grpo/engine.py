@@ -1,16 +1,18 @@
 """Rollout engines: the `Rollout` record, the engine protocol, and `TorchEngine`, a batched sampler in pure PyTorch.
 
 TorchEngine runs the very `nn.Module` being trained (no weight copies, so `update_weights` is free). Per call it
-  1. expands prompts x n into rows, sorts them by prompt length and cuts them into chunks whose
-     (padded prompt length + max_new_tokens) * rows fits `max_batch_tokens`;
-  2. per chunk, prefills each distinct prompt once (left padded, explicit position_ids) and copies its KV cache to
-     its n sample rows; distinct prompts that start alike (system prompt, instructions, few-shot examples) have
-     that prefix run once per group and only their own suffixes on top (`prefix_groups`, `_prefill`);
+  1. expands prompts x n into rows and sorts them by prompt length (longest first), a prompt's samples adjacent;
+  2. admits rows to the batch in that order, as many as keep (width + max_new_tokens) * rows within
+     `max_batch_tokens`, prefilling each distinct prompt once (left padded, explicit position_ids) and copying its
+     KV cache to its n sample rows; distinct prompts that start alike (system prompt, instructions, few-shot
+     examples) have that prefix run once per group and only their own suffixes on top (`prefix_groups`, `_prefill`);
   3. decodes one token per step for all live rows with a preallocated KV cache (no per-step torch.cat), computing
      logits for the last position only, and drops finished rows (and all-padding columns) from the batch every few
-     finished rows, so short completions stop costing compute.
-Attention runs SDPA with native grouped-query support even when a padding mask is present (transformers' sdpa path
-otherwise materialises repeated K/V every layer and step, which dominates CPU decode time at long contexts).
+     finished rows, so short completions stop costing compute. Continuous batching (the default): each such drop
+     also admits waiting rows, prefilled apart and stacked into the running cache (left padded to the wider of the
+     two), so the batch stays full until no row waits. `continuous=False` admits only into an empty batch, i.e.
+     runs `plan_chunks`' chunks one after another.
+Attention runs SDPA with native grouped-query support even when a padding mask is present (grpo/gqa_attention.py).
 Sampling (grpo/sampling.py) draws per-row seeded noise, so a row's output does not depend on batch composition.
 On CPU every nn.Linear runs through a oneDNN copy of its weight packed at the start of the call
 (grpo/packed_linear.py): a decode step multiplies a few rows by every matrix, where the default GEMM's per-call
@@ -28,14 +30,11 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import AttentionInterface
 
 from grpo.distributed import fsdp_unsharded
-from grpo.kv_cache import cache_drop_leading, cache_select, new_cache, padded_positions, plain_full_attention
+from grpo.gqa_attention import gqa_attention
+from grpo.kv_cache import DecodeBatch, cache_select, new_cache, padded_positions, plain_full_attention
 from grpo.packed_linear import packed_linears
 from grpo.sampling import StopStrings, exponential_noise, row_generators, sample_next_tokens
 
@@ -61,42 +60,6 @@ class RolloutEngine(Protocol):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Attention
-
-GQA_SDPA = "grpo_sdpa_gqa"
-
-
-def _sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                        **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa attention, but with `enable_gqa=True` when a mask is present instead of repeating K/V.
-
-    query (B, H, q, D), key/value (B, Hkv, kv, D), attention_mask (B, 1, q, kv) bool/additive or None.
-    Returns (B, q, H, D) like every transformers attention function.
-    """
-    groups = getattr(module, "num_key_value_groups", 1)
-    if attention_mask is None or groups == 1 or kwargs.get("position_bias") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    b, h, q, d = query.shape
-    if q == 1 and attention_mask.shape[-2] == 1:
-        # Decode step: fold each K/V head's query group into the query-length axis, (B, Hkv, groups, D), so every
-        # K/V head is read once for its whole group (~1/3 less time than enable_gqa on CPU). Query head
-        # j * groups + g uses K/V head j, as in transformers' repeat_kv.
-        folded = query.reshape(b, key.shape[1], groups, d)
-        out = F.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                             scale=scaling)
-        return out.reshape(b, 1, h, d), None
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                         scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(GQA_SDPA, _sdpa_gqa_attention)
-AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Model state around generation
 
 @contextlib.contextmanager
@@ -109,21 +72,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, was_training in modes:
             m.training = was_training
-
-
-@contextlib.contextmanager
-def _gqa_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Route the model's sdpa attention through `_sdpa_gqa_attention` for the block."""
-    config = getattr(model, "config", None)
-    original = getattr(config, "_attn_implementation", None)
-    if original != "sdpa":
-        yield
-        return
-    config._attn_implementation = GQA_SDPA
-    try:
-        yield
-    finally:
-        config._attn_implementation = original
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,14 +89,18 @@ def default_eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def rows_that_fit(running: int, width: int, max_new_tokens: int, max_batch_tokens: int) -> int:
+    """How many rows may join `running` ones in a KV buffer `width` + max_new_tokens wide per row, keeping
+    rows x (width + max_new_tokens) <= max_batch_tokens; an empty batch takes at least one row (it cannot be split)."""
+    return max(max_batch_tokens // (width + max_new_tokens) - running, 0 if running else 1)
+
+
 def plan_chunks(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: int) -> list[tuple[int, int]]:
     """[start, end) row ranges over rows sorted by prompt length (longest first) such that each chunk's
-    (longest prompt + max_new_tokens) * rows <= max_batch_tokens. A row that alone exceeds the budget gets a chunk
-    of its own (it cannot be split)."""
+    (longest prompt + max_new_tokens) * rows <= max_batch_tokens: the batches TorchEngine(continuous=False) runs."""
     chunks, start = [], 0
     while start < len(prompt_lens):
-        rows = max(1, max_batch_tokens // (prompt_lens[start] + max_new_tokens))
-        end = min(len(prompt_lens), start + rows)
+        end = min(len(prompt_lens), start + rows_that_fit(0, prompt_lens[start], max_new_tokens, max_batch_tokens))
         chunks.append((start, end))
         start = end
     return chunks
@@ -220,7 +172,7 @@ class TorchEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_batch_tokens: int = 32768,
                  eos_token_ids: list[int] | None = None, compact_fraction: float = 0.125, pack_weights: bool = True,
-                 share_prefixes: bool = True):
+                 share_prefixes: bool = True, continuous: bool = True, join_fraction: float = 0.25):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
         self.model = model
@@ -238,6 +190,15 @@ class TorchEngine:
         self.pack_weights = pack_weights
         # Prefill a prefix that several distinct prompts of a chunk share once (see _prefill).
         self.share_prefixes = share_prefixes
+        # Continuous batching: waiting rows join the running batch whenever finished rows leave it (see _decode).
+        # False runs plan_chunks' chunks one after another (the engine before continuous batching; for benches).
+        self.continuous = continuous
+        # A join costs a prefill (which re-runs the shared prompt prefix) and a cache copy, so waiting rows join only
+        # in groups of at least this fraction of the batch they make (or all that still wait).
+        self.join_fraction = join_fraction
+        # What the last generate call did: prefill passes, joins into a running batch, decode steps (and their rows
+        # summed), peak rows.
+        self.stats: dict[str, int] = {}
         params = inspect.signature(model.forward).parameters
         self._forward_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
@@ -264,17 +225,14 @@ class TorchEngine:
         # prefill serves them all.
         rows = [(i * n + j, i) for i in range(len(prompts)) for j in range(n)]
         rows.sort(key=lambda row: (-len(prompts[row[1]]), row[0]))
-        chunks = plan_chunks([len(prompts[p]) for _, p in rows], max_new_tokens, self.max_batch_tokens)
         stop_strings = StopStrings(self.tokenizer, stop)
-        results: list[Rollout | None] = [None] * len(rows)
-        with fsdp_unsharded(self.model), _eval_mode(self.model), _gqa_attention(self.model), \
+        with fsdp_unsharded(self.model), _eval_mode(self.model), gqa_attention(self.model), \
                 torch.inference_mode(), packed_linears(self.model, self.pack_weights):
-            for start, end in chunks:
-                chunk = rows[start:end]
-                rollouts = self._generate_chunk([prompts[p] for _, p in chunk], [r for r, _ in chunk],
-                                                max_new_tokens, temperature, top_p, stop_strings, seed, ignore_eos)
-                for (row_id, _), rollout in zip(chunk, rollouts):
-                    results[row_id] = rollout
+            rollouts = self._decode([prompts[p] for _, p in rows], [r for r, _ in rows], max_new_tokens,
+                                    temperature, top_p, stop_strings, seed, ignore_eos)
+        results: list[Rollout | None] = [None] * len(rows)
+        for (row_id, _), rollout in zip(rows, rollouts):
+            results[row_id] = rollout
         return results
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -318,10 +276,9 @@ class TorchEngine:
         positions = prefix_mask[fan].sum(-1, keepdim=True) + padded_positions(suffix_mask)
         return self._logits(suffix_ids, mask, positions, cache), cache, mask
 
-    def _generate_chunk(self, prompts: list[list[int]], row_ids: list[int], max_new: int, temperature: float,
-                        top_p: float, stop_strings: StopStrings, seed: int, ignore_eos: bool) -> list[Rollout]:
-        """Sample one completion per entry of `prompts` (equal prompts adjacent); row_ids seed each row's RNG."""
-        # Prefill each distinct prompt once, then fan its cache and logits out to its sample rows.
+    def _start(self, prompts: list[list[int]], rows: list[int], max_new: int) -> DecodeBatch:
+        """Prefill rows' prompts (equal prompts adjacent: each distinct one is prefilled once and its cache and
+        logits fanned out to its sample rows) into a batch with room for `max_new` more tokens per row."""
         distinct: list[list[int]] = []
         fan_out: list[int] = []
         for p in prompts:
@@ -331,24 +288,58 @@ class TorchEngine:
         logits, cache, mask = self._prefill(distinct, max_new)
         width, device = mask.shape[1], mask.device
         fan = torch.tensor(fan_out, device=device)
-        logits = logits[fan]
         cache_select(cache, fan)
         mask_buf = torch.zeros(len(prompts), width + max_new, dtype=torch.long, device=device)
         mask_buf[:, :width] = mask[fan]
-        next_pos = mask_buf.sum(-1)  # (R,) each row's next position id = its prompt length
-        generators = row_generators(seed, row_ids) if temperature > 0 else []
+        self.stats["prefills"] += 1
+        return DecodeBatch(rows, cache, mask_buf, width, mask_buf.sum(-1), logits[fan])
 
+    def _decode(self, prompts: list[list[int]], row_ids: list[int], max_new: int, temperature: float,
+                top_p: float, stop_strings: StopStrings, seed: int, ignore_eos: bool) -> list[Rollout]:
+        """One completion per entry of `prompts` (longest first, equal prompts adjacent); row_ids seed each row's
+        RNG. Rows enter the running batch in order: when it is empty, and with `continuous` also each time finished
+        rows are compacted out of it, so the batch stays full while rows wait.
+
+        Memory policy: a KV buffer (allocated at a prefill or a join) holds rows x (width + max_new) <=
+        max_batch_tokens, width being the wider of the running cache and the first waiting prompt (the widest,
+        as rows wait longest first). Into an empty batch that is plan_chunks' chunk. Joining a running batch costs
+        more per row than a fresh chunk, since the running rows' generated tokens widen the left-padded cache.
+        """
+        self.stats = {"prefills": 0, "joins": 0, "decode_steps": 0, "row_steps": 0, "peak_rows": 0}
+        refill = self.continuous and plain_full_attention(self.model)  # stacking needs preallocated layers
         completions: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
         finish: list[str | None] = [None] * len(prompts)
-        batch = list(range(len(prompts)))  # chunk row held at each batch position
-        for step in range(max_new):
-            noise = exponential_noise([generators[r] for r in batch], logits.shape[-1], device) if generators \
-                else None
-            tokens, token_logprobs = sample_next_tokens(logits, temperature, top_p, noise)
+        generators: dict[int, torch.Generator] = {}
+        batch: DecodeBatch | None = None
+        queued, compacted = 0, False  # rows [queued:] are waiting
+        while batch is not None or queued < len(prompts):
+            take = 0
+            if queued < len(prompts) and (batch is None or (refill and compacted)):
+                running, width = (len(batch.rows), batch.width) if batch else (0, 0)
+                take = min(len(prompts) - queued, rows_that_fit(running, max(width, len(prompts[queued])), max_new,
+                                                                 self.max_batch_tokens))
+                if running and take < min(len(prompts) - queued, int((running + take) * self.join_fraction)):
+                    take = 0  # too few to be worth a join: wait until more rows finish
+            if take:
+                joining = list(range(queued, queued + take))
+                if temperature > 0:
+                    generators.update(zip(joining, row_generators(seed, row_ids[queued:queued + take])))
+                # Into a running batch the prefill cache needs no room of its own: `join` copies it into one that has.
+                new = self._start(prompts[queued:queued + take], joining, max_new if batch is None else 0)
+                if batch is None:
+                    batch = new
+                else:
+                    batch.join(new, max_new)
+                    self.stats["joins"] += 1
+                queued += take
+                self.stats["peak_rows"] = max(self.stats["peak_rows"], len(batch.rows))
+            noise = exponential_noise([generators[r] for r in batch.rows], batch.logits.shape[-1],
+                                      batch.logits.device) if temperature > 0 else None
+            tokens, token_logprobs = sample_next_tokens(batch.logits, temperature, top_p, noise)
             token_list, logprob_list = tokens.tolist(), token_logprobs.tolist()
             unfinished = []
-            for b, r in enumerate(batch):
+            for b, r in enumerate(batch.rows):
                 if finish[r] is not None:  # finished earlier, waiting for compaction: its sample is discarded
                     continue
                 completions[r].append(token_list[b])
@@ -361,24 +352,23 @@ class TorchEngine:
                 for r, hit in zip(unfinished, stop_strings.hits([completions[r] for r in unfinished])):
                     if hit:
                         finish[r] = "stop"
-            live = [b for b, r in enumerate(batch) if finish[r] is None]
-            if not live or step == max_new - 1:
-                break
-            dead = len(batch) - len(live)
-            if dead and dead >= max(1, int(len(batch) * self.compact_fraction)):
-                keep = torch.tensor(live, device=device)
-                cache_select(cache, keep)
-                mask_buf, next_pos, tokens = mask_buf[keep], next_pos[keep], tokens[keep]
-                batch = [batch[b] for b in live]
-                # Columns that are padding in every remaining row (their long-prompt rows finished) go too.
-                lead = int(mask_buf[:, :width].any(0).to(torch.int8).argmax())
-                if cache_drop_leading(cache, lead):
-                    mask_buf, width = mask_buf[:, lead:], width - lead
-            mask_buf[:, width] = 1
-            width += 1
-            logits = self._logits(tokens[:, None], mask_buf[:, :width], next_pos[:, None], cache)
-            next_pos += 1
+            for r in unfinished:
+                if finish[r] is None and len(completions[r]) == max_new:
+                    finish[r] = "length"
+            live = [b for b, r in enumerate(batch.rows) if finish[r] is None]
+            dead = len(batch.rows) - len(live)
+            # Compaction copies the KV cache, so finished rows leave once they are compact_fraction of the batch.
+            compacted = dead > 0 and dead >= max(1, int(len(batch.rows) * self.compact_fraction))
+            if not live:
+                batch = None
+                continue
+            if compacted:
+                batch.keep(live)
+                tokens = tokens[torch.tensor(live, device=tokens.device)]
+            batch.append(tokens, self._logits)
+            self.stats["decode_steps"] += 1
+            self.stats["row_steps"] += len(batch.rows)
 
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         return [Rollout(prompt_ids=list(prompts[r]), completion_ids=completions[r], logprobs=logprobs[r],
-                        finish_reason=finish[r] or "length", text=texts[r]) for r in range(len(prompts))]
+                        finish_reason=finish[r], text=texts[r]) for r in range(len(prompts))]

@@ -1,8 +1,11 @@
-"""The decode KV cache: a preallocated transformers cache layer, and the helpers the engine and trainer share.
+"""The decode KV cache: a preallocated transformers cache layer, the helpers the engine and trainer share, and
+`DecodeBatch`, the running rows of TorchEngine's decode loop (compacted as rows finish, joined by waiting rows).
 
-Shapes: B rows, Hkv key/value heads, D head dim; capacity = the longest sequence a generation chunk can reach.
+Shapes: B rows, Hkv key/value heads, D head dim; capacity = the longest sequence the batch's rows can reach.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -65,6 +68,21 @@ class PreallocatedLayer(DynamicLayer):
             self._k, self._v = self._k[indices], self._v[indices]
             self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
 
+    def stack_below(self, other: "PreallocatedLayer", capacity: int) -> None:
+        """Append other's rows below these in a fresh (B + B_other, Hkv, capacity, D) buffer, both right-aligned at
+        the longer of the two lengths. The columns left of the shorter one are zeros: padding, which the attention
+        mask hides (zeros rather than uninitialised memory, whose NaNs would survive the mask in the matmul)."""
+        width = max(self.length, other.length)
+
+        def stacked(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+            out = mine.new_zeros(mine.shape[0] + theirs.shape[0], mine.shape[1], capacity, mine.shape[3])
+            out[:mine.shape[0], :, width - self.length:width] = mine[:, :, :self.length]
+            out[mine.shape[0]:, :, width - other.length:width] = theirs[:, :, :other.length]
+            return out
+        self._k, self._v = stacked(self._k, other._k), stacked(self._v, other._v)
+        self.capacity, self.length = capacity, width
+        self.keys, self.values = self._k[:, :, :width], self._v[:, :, :width]
+
     def drop_leading(self, count: int) -> None:
         """Forget the first `count` positions (columns that are padding for every remaining row). No copy."""
         if self.is_initialized and count > 0:
@@ -86,6 +104,12 @@ def cache_select(cache: DynamicCache, indices: torch.Tensor) -> None:
         layer.batch_select_indices(indices)
 
 
+def cache_stack(cache: DynamicCache, other: DynamicCache, capacity: int) -> None:
+    """Rows of `other` appended below `cache`'s (in place), right-aligned: see PreallocatedLayer.stack_below."""
+    for layer, theirs in zip(cache.layers, other.layers):
+        layer.stack_below(theirs, capacity)
+
+
 def cache_drop_leading(cache: DynamicCache, count: int) -> bool:
     """Drop leading columns if every layer supports it; returns whether it did."""
     if count <= 0 or not all(isinstance(layer, PreallocatedLayer) for layer in cache.layers):
@@ -93,3 +117,49 @@ def cache_drop_leading(cache: DynamicCache, count: int) -> bool:
     for layer in cache.layers:
         layer.drop_leading(count)
     return True
+
+
+@dataclass
+class DecodeBatch:
+    """The rows a decode loop is running: their KV cache, attention mask and positions, and pending logits.
+
+    Rows are left padded: columns [0, width) of `mask` are filled (1 = real token), the rest is room for the tokens
+    still to come. Position ids are per row (`next_pos`), so a row's padding never shifts its positions.
+    """
+    rows: list[int]            # which request row each batch position holds
+    cache: DynamicCache
+    mask: torch.Tensor         # (B, capacity) int64
+    width: int
+    next_pos: torch.Tensor     # (B,) int64: each row's next position id
+    logits: torch.Tensor       # (B, V) fp32: next-token logits not yet sampled
+
+    def keep(self, live: list[int]) -> None:
+        """Keep batch positions `live`, then drop columns that are padding in every remaining row."""
+        index = torch.tensor(live, device=self.mask.device)
+        cache_select(self.cache, index)
+        self.mask, self.next_pos, self.logits = self.mask[index], self.next_pos[index], self.logits[index]
+        self.rows = [self.rows[b] for b in live]
+        lead = int(self.mask[:, :self.width].any(0).to(torch.int8).argmax())
+        if cache_drop_leading(self.cache, lead):
+            self.mask, self.width = self.mask[:, lead:], self.width - lead
+
+    def join(self, other: "DecodeBatch", max_new: int) -> None:
+        """Append other's rows (just prefilled) below these. Both are right-aligned at the wider width, the
+        narrower padded on the left, in a new buffer with room for `max_new` more tokens."""
+        width = max(self.width, other.width)
+        cache_stack(self.cache, other.cache, width + max_new)
+        mask = self.mask.new_zeros(len(self.rows) + len(other.rows), width + max_new)
+        mask[:len(self.rows), width - self.width:width] = self.mask[:, :self.width]
+        mask[len(self.rows):, width - other.width:width] = other.mask[:, :other.width]
+        self.mask, self.width = mask, width
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.rows = self.rows + other.rows
+
+    def append(self, tokens: torch.Tensor, forward) -> None:
+        """Feed one token per row: `forward(ids (B, 1), mask (B, width), positions (B, 1), cache)` returns the
+        next logits."""
+        self.mask[:, self.width] = 1
+        self.width += 1
+        self.logits = forward(tokens[:, None], self.mask[:, :self.width], self.next_pos[:, None], self.cache)
+        self.next_pos = self.next_pos + 1
