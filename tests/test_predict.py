@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from grpo.config import ConfigError
 from ner.grounding import bio_tags, ground_entities, tokenize
 from ner.predict import PredictInputError, prompt_setup, read_inputs
 from ner.prompts import build_prompts, format_answer, render_prompt
