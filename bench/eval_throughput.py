@@ -39,7 +39,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede torch's Open
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,18 +50,7 @@ from grpo.engine import TorchEngine  # noqa: E402
 from grpo.models import load_model_and_tokenizer  # noqa: E402
 from ner.evaluation import build_eval_records, generate_answers, prompt_token_ids  # noqa: E402
 from ner.recipe import evaluation_settings  # noqa: E402
-
-
-def cpu_flags() -> str:
-    """lscpu's model name and its AVX2 / AVX-512 flags (what the CPU GEMM and SDPA kernels can use)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "lscpu unavailable"
-    lines = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = lines.get("Flags", "").split()
-    simd = sorted(f for f in flags if f == "avx2" or f.startswith("avx512"))
-    return f"{lines.get('Model name', '?').strip()}; flags: {' '.join(simd) or 'no AVX2/AVX-512'}"
+from bench.machine import cpu_flags  # noqa: E402
 
 
 def main() -> None:

@@ -54,8 +54,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grpo.engine import TorchEngine  # noqa: E402
 from grpo.models import load_model_and_tokenizer, parse_dtype  # noqa: E402
+from ner.data import default_data_dir  # noqa: E402
+from bench.machine import cpu_flags  # noqa: E402
 
-DATA = Path(os.environ.get("NER_DATA_DIR", "/work/shared/data")) / "conll2003" / "dev.txt"
+DATA = default_data_dir() / "conll2003" / "dev.txt"  # $NER_DATA_DIR, else ../shared/data beside the repo
 FALLBACK_SENTENCES = [
     "West Indian all-rounder Phil Simmons took four for 38 on Friday as Leicestershire beat Somerset .",
     "EU rejects German call to boycott British lamb .",
@@ -177,6 +179,7 @@ def main() -> None:
     # CPU bf16 matmuls without AMX take minutes at 2048^3 and say nothing about the CPU's peak: fp32 there.
     peak_dtype = dtype if device.type == "cuda" else torch.float32
     peak = matmul_peak_flops(device=device, dtype=peak_dtype)
+    print(f"machine: {cpu_flags()}; prompts from {DATA if DATA.is_file() else 'built-in sentences (no CoNLL dev file)'}")
     print(f"{str(peak_dtype).removeprefix('torch.')} matmul peak (2048^3, {args.device}, {args.threads} threads): {peak / 1e9:.0f} GFLOP/s; "
           f"params {params / 1e6:.1f}M; load average {os.getloadavg()}")
 

@@ -207,7 +207,9 @@ def main() -> None:
         rows[fw] = {"wall": wall, "walls": [s["wall_s"] for s in timed], "tok_s": n_rows * args.new / wall,
                     "flops": step_flops / wall, "hwm": statistics.median(r["vmhwm_mib"] for r in results),
                     "loss": results[0].get("loss_fixed_batch"), "comp": comp}
-    print(f"\nload before: {load_before}\nload after:  {load_after}")
+    from machine import cpu_flags  # bench/machine.py; imported here: the TRL side imports this module too
+    print(f"\nmachine: {cpu_flags()}")
+    print(f"load before: {load_before}\nload after:  {load_after}")
     print(f"{len(PROMPTS)} prompts × G={G} × {args.new} new tokens, μ=1, β={BETA}, {args.dtype}, {args.device}, "
           f"{THREADS} threads; params {params / 1e6:.1f} M, prompt+completion tokens/step {tokens}; "
           f"matmul peak {peak / 1e9:.0f} GFLOP/s\n")
