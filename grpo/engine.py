@@ -11,7 +11,7 @@ TorchEngine runs the very `nn.Module` being trained (no weight copies, so `updat
      finished rows, so short completions stop costing compute. Continuous batching (the default): each such drop
      also admits waiting rows, prefilled apart and stacked into the running cache (left padded to the wider of the
      two), so the batch stays full until no row waits. `continuous=False` admits only into an empty batch, i.e.
-     runs `plan_chunks`' chunks one after another.
+     runs fixed chunks (as many rows as `rows_that_fit` an empty batch) one after another.
 Attention runs SDPA with native grouped-query support even when a padding mask is present (grpo/gqa_attention.py).
 Sampling (grpo/sampling.py) draws per-row seeded noise, so a row's output does not depend on batch composition.
 On CPU every nn.Linear runs through a oneDNN copy of its weight packed at the start of the call
@@ -93,17 +93,6 @@ def rows_that_fit(running: int, width: int, max_new_tokens: int, max_batch_token
     """How many rows may join `running` ones in a KV buffer `width` + max_new_tokens wide per row, keeping
     rows x (width + max_new_tokens) <= max_batch_tokens; an empty batch takes at least one row (it cannot be split)."""
     return max(max_batch_tokens // (width + max_new_tokens) - running, 0 if running else 1)
-
-
-def plan_chunks(prompt_lens: list[int], max_new_tokens: int, max_batch_tokens: int) -> list[tuple[int, int]]:
-    """[start, end) row ranges over rows sorted by prompt length (longest first) such that each chunk's
-    (longest prompt + max_new_tokens) * rows <= max_batch_tokens: the batches TorchEngine(continuous=False) runs."""
-    chunks, start = [], 0
-    while start < len(prompt_lens):
-        end = min(len(prompt_lens), start + rows_that_fit(0, prompt_lens[start], max_new_tokens, max_batch_tokens))
-        chunks.append((start, end))
-        start = end
-    return chunks
 
 
 def prefix_groups(prompts: list[list[int]], min_saved: int = 8) -> list[tuple[int, list[int]]]:
@@ -191,7 +180,7 @@ class TorchEngine:
         # Prefill a prefix that several distinct prompts of a chunk share once (see _prefill).
         self.share_prefixes = share_prefixes
         # Continuous batching: waiting rows join the running batch whenever finished rows leave it (see _decode).
-        # False runs plan_chunks' chunks one after another (the engine before continuous batching; for benches).
+        # False runs fixed chunks one after another (the engine before continuous batching; for benches).
         self.continuous = continuous
         # A join costs a prefill (which re-runs the shared prompt prefix) and a cache copy, so waiting rows join only
         # in groups of at least this fraction of the batch they make (or all that still wait).
@@ -302,7 +291,7 @@ class TorchEngine:
 
         Memory policy: a KV buffer (allocated at a prefill or a join) holds rows x (width + max_new) <=
         max_batch_tokens, width being the wider of the running cache and the first waiting prompt (the widest,
-        as rows wait longest first). Into an empty batch that is plan_chunks' chunk. Joining a running batch costs
+        as rows wait longest first). Into an empty batch that is a fixed chunk. Joining a running batch costs
         more per row than a fresh chunk, since the running rows' generated tokens widen the left-padded cache.
         """
         self.stats = {"prefills": 0, "joins": 0, "decode_steps": 0, "row_steps": 0, "peak_rows": 0}

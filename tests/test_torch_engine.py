@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from grpo.engine import Rollout, TorchEngine, plan_chunks, prefix_groups  # noqa: E402
+from grpo.engine import Rollout, TorchEngine, prefix_groups, rows_that_fit  # noqa: E402
 from grpo.kv_cache import padded_positions  # noqa: E402
 from grpo.models import tiny_llama  # noqa: E402
 from grpo.sampling import exponential_noise, row_generators, sample_next_tokens  # noqa: E402
@@ -157,11 +157,16 @@ def test_sampling_frequencies_follow_the_nucleus():
     assert (counts - flat).abs().max().item() < 4 * 0.0035
 
 
-def test_plan_chunks_respects_the_budget():
-    # widths 10+6 = 16 -> 40 // 16 = 2 rows; then 5+6 = 11 -> 40 // 11 = 3 rows
-    assert plan_chunks([10, 10, 5, 5, 5], 6, 40) == [(0, 2), (2, 5)]
-    # a row wider than the budget still gets a chunk of its own
-    assert plan_chunks([50, 3], 6, 40) == [(0, 1), (1, 2)]
+def test_rows_that_fit_respects_the_budget():
+    # widths 10+6 = 16 -> 40 // 16 = 2 rows; 5+6 = 11 -> 40 // 11 = 3 rows
+    assert rows_that_fit(0, 10, 6, 40) == 2
+    assert rows_that_fit(0, 5, 6, 40) == 3
+    # a row wider than the budget still runs alone in an empty batch
+    assert rows_that_fit(0, 50, 6, 40) == 1
+    # into a running batch, only the room left: 1 row beside 1, none beside 2 (nothing is forced in)
+    assert rows_that_fit(1, 10, 6, 40) == 1
+    assert rows_that_fit(2, 10, 6, 40) == 0
+    assert rows_that_fit(1, 50, 6, 40) == 0
 
 
 def test_padded_positions_count_real_tokens_only():
