@@ -107,6 +107,10 @@ class GRPOConfig(RunDirOptions):
     rollout_correction: str = _f("none", "engine/trainer mismatch correction: none | token | sequence")
     rollout_correction_mode: str = _f("truncate", "truncate (TIS) | mask (MIS)")
     rollout_correction_threshold: float = _f(2.0, "C: importance-weight cap (mask also drops below 1/C)")
+    old_logprobs: str = _f("recompute", "π_old of off-policy updates: recompute (a forward pass of the policy "
+                           "before the updates; right for any engine) | rollout (the engine's sampling log-probs, "
+                           "no extra pass; right only when the engine scores as the trainer does: the torch engine "
+                           "in float32 agrees within 1e-4)")
 
     # --- optimisation (the blog's values)
     lr: float = _f(5e-6, "peak learning rate")
@@ -145,6 +149,7 @@ class GRPOConfig(RunDirOptions):
                    "kl_estimator": ("k1", "k2", "k3"), "engine": ("torch", "vllm", "auto"),
                    "rollout_correction": ("none", "token", "sequence"),
                    "rollout_correction_mode": ("truncate", "mask"),
+                   "old_logprobs": ("recompute", "rollout"),
                    "lr_scheduler": ("cosine", "linear", "constant")}
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -171,6 +176,9 @@ class GRPOConfig(RunDirOptions):
         need(self.overlong_buffer < self.max_completion_len, "overlong_buffer must be < max_completion_len")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
         need(self.rollout_correction_threshold > 1, "rollout_correction_threshold must be > 1")
+        need(self.old_logprobs == "recompute" or self.rollout_correction == "none",
+             "old_logprobs=rollout takes the engine's log-probs as π_old, so there is no π_rollout ≠ π_old to "
+             "correct: set rollout_correction=none or old_logprobs=recompute")
         need(bool(self.reward_weights), "reward_weights is empty: name at least one reward")
         need(self.save_every >= 0, f"save_every={self.save_every} must be ≥ 0 (0 = only at the end)")
         problems += self.run_dir_problems()
@@ -192,6 +200,12 @@ class GRPOConfig(RunDirOptions):
         return run_path_problems(self)
 
     @property
-    def needs_old_logprobs(self) -> bool:
-        """Off-policy updates (μ > 1 or several mini-batches) and mismatch correction need π_old recomputed."""
+    def off_policy(self) -> bool:
+        """Some update runs on weights other than those that sampled (μ > 1, several mini-batches), or the engine
+        is another model (mismatch correction): the loss needs π_old's log-probs, not the forward's detached."""
         return self.mu > 1 or self.num_mini_batches > 1 or self.rollout_correction != "none"
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        """π_old is recomputed by a policy forward, unless the engine's log-probs stand for it (old_logprobs=rollout)."""
+        return self.off_policy and self.old_logprobs == "recompute"

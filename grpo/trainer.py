@@ -34,7 +34,7 @@ from grpo import algos
 from grpo.batch import RolloutBatch, collate_rollouts, completion_logprobs
 from grpo.checkpoint import save_checkpoint
 from grpo.graceful_exit import install_sigterm_handler
-from grpo.distributed import DistInfo, all_reduce_sum, clip_grad_norm
+from grpo.distributed import DistInfo, all_reduce_max, all_reduce_sum, clip_grad_norm
 from grpo.grpo_config import GRPOConfig
 from grpo.optim import build_optimizer, build_scheduler
 from grpo.rollout_io import RunLogger, tokenize_prompts
@@ -104,12 +104,15 @@ def frozen_logprobs(model: torch.nn.Module, batch: RolloutBatch, cfg: GRPOConfig
 
 def micro_batch_loss(policy, mb: RolloutBatch, advantages: torch.Tensor, mask: torch.Tensor,
                      old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, num_tokens: float,
-                     num_seqs: float, cfg: GRPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     num_seqs: float, cfg: GRPOConfig, measure_gap: bool = True,
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one micro-batch, scaled so that summed over the mini-batch's micro-batches and ranks it is the
     mini-batch loss (aggregate_loss with the GLOBAL normalisers ``num_tokens`` / ``num_seqs``).
 
     mb: N rows; advantages [N]; mask [N, C] loss mask; old_logp / ref_logp [N, C] or None (on-policy: π_old is
     this very forward, detached; β = 0 or KL in the reward: no KL term). All on the policy's device.
+    ``measure_gap``: the policy is still the one that sampled (the step's first update), so |log π − engine log-prob|
+    is the engine's error and is reported as ``engine_logprob_gap``.
     """
     logp, entropy = completion_logprobs(policy, mb, cfg.temperature, with_entropy=True,
                                         share_prompts=cfg.share_prompt_prefix)
@@ -131,7 +134,7 @@ def micro_batch_loss(policy, mb: RolloutBatch, advantages: torch.Tensor, mask: t
         metrics["kl"] = algos.masked_mean(kl.detach(), mask)
     loss = algos.aggregate_loss(per_token, mask, cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
                                 max_len=cfg.max_completion_len)
-    if old_logp is None:  # on-policy: this forward IS π_old, so the engine's log-prob gap costs nothing
+    if measure_gap:  # this forward IS π_old, so the engine's log-prob gap costs nothing to measure
         metrics["engine_logprob_gap"] = algos.masked_mean((logp.detach() - rollout_logp).abs(),
                                                           mb.completion_mask.to(logp.device))
     metrics["entropy"] = algos.masked_mean(entropy, mask)
@@ -161,6 +164,10 @@ def policy_update(policy, optimizer, scheduler, batch: RolloutBatch, advantages:
     does not depend on how the mini-batch is split. A mini-batch with no loss token on any rank, or whose gradient
     is not finite on some rank, makes no update at all (AdamW's momentum and weight decay would still move the
     weights); the LR schedule advances either way, so it stays a function of the update index.
+
+    Rows whose loss mask is all zero (zero-variance groups under dynamic sampling, masked truncations) add exactly
+    0 to the loss and its gradient, so they are not run at all. Under FSDP every rank must run the same number of
+    forwards (each one all-gathers the weights): a rank with fewer live rows pads with masked forwards.
     """
     n = len(batch)
     mini = n // cfg.num_mini_batches
@@ -175,13 +182,20 @@ def policy_update(policy, optimizer, scheduler, batch: RolloutBatch, advantages:
             num_tokens, num_seqs = all_reduce_sum(tokens), all_reduce_sum(seqs)
             metrics: dict[str, float] = {"skipped_updates": 1.0}
             if num_tokens > 0:  # the same decision on every rank: the counts are global
-                for start in range(0, len(rows), cfg.micro_batch_size):
-                    idx = rows[start:start + cfg.micro_batch_size]
+                live = rows[loss_mask[rows].sum(dim=1) > 0]
+                n_micro = -(-len(live) // cfg.micro_batch_size)
+                if info.world_size > 1:
+                    n_micro = int(all_reduce_max(float(n_micro)))
+                for j in range(n_micro):
+                    idx = live[j * cfg.micro_batch_size:(j + 1) * cfg.micro_batch_size]
+                    if len(idx) == 0:  # FSDP padding: one row, fully masked, adds 0
+                        idx = rows[:1]
                     mask = loss_mask[idx].to(device)
                     loss, pm = micro_batch_loss(
                         policy, batch.select(idx), advantages[idx].to(device), mask,
                         None if old_logp is None else old_logp[idx].to(device),
-                        None if ref_logp is None else ref_logp[idx].to(device), num_tokens, num_seqs, cfg)
+                        None if ref_logp is None else ref_logp[idx].to(device), num_tokens, num_seqs, cfg,
+                        measure_gap=epoch == 0 and m == 0)
                     loss.backward()  # shard_model makes FSDP2 SUM gradients over ranks: Σ_ranks = the global loss
                     pm["loss"] = loss.detach()
                     # Token-weighted share of the global mini-batch: summed over micro-batches and ranks, the
@@ -272,12 +286,15 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
         times["score"] = time.perf_counter() - t
         t = time.perf_counter()
 
-        # 3. Reference and old log-probs, only when the configuration needs them.
+        # 3. Reference and old log-probs, only when the configuration needs them (the engine's own log-probs are
+        # π_old when old_logprobs=rollout).
         ref_logp = frozen_logprobs(ref_model, batch, cfg) if cfg.beta > 0 else None
         shaped = rewards
         if cfg.kl_in_reward:  # the rollout log-probs are π_old's: the sampled policy's KL to the reference
             shaped = algos.kl_in_reward(rewards, batch.rollout_logprobs, ref_logp, batch.completion_mask, cfg.beta)
         old_logp = frozen_logprobs(policy, batch, cfg) if cfg.needs_old_logprobs else None
+        if cfg.off_policy and cfg.old_logprobs == "rollout":
+            old_logp = batch.rollout_logprobs
         times["reference"] = time.perf_counter() - t
         t = time.perf_counter()
 
@@ -313,7 +330,7 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
                    **({"reward/kl_penalty": (rewards - shaped).mean()} if cfg.kl_in_reward else {}),
                    **{f"train/{k}": v for k, v in train_metrics.items()},
                    **{f"time/{k}": v for k, v in times.items()}}
-        if old_logp is not None:
+        if cfg.needs_old_logprobs:
             gap = (old_logp - batch.rollout_logprobs).abs() * batch.completion_mask
             metrics["engine_logprob_gap/mean"] = gap.sum() / batch.completion_mask.sum().clamp(min=1)
             metrics["engine_logprob_gap/max"] = gap.max()

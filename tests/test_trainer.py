@@ -89,7 +89,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 # "mixed": rank 0 repeats prompts and has a micro-batch of 1-token completions, rank 1 does not (no hang, same update).
-@pytest.mark.parametrize("loss_agg,shared", [("token_mean", ""), ("seq_mean", "shared"), ("constant", "mixed")])
+# "masked": rows 4–6 have no loss tokens, so rank 1 runs one live row and pads with a masked forward (no hang).
+@pytest.mark.parametrize("loss_agg,shared", [("token_mean", ""), ("seq_mean", "shared"), ("constant", "mixed"),
+                                             ("token_mean", "masked")])
 def test_two_rank_update_equals_one_process_update(tmp_path, loss_agg, shared):
     script = ROOT / "tests" / "dist_scripts" / "grpo_update.py"
     extra = [shared] if shared else []
@@ -178,6 +180,33 @@ def test_mini_batch_without_loss_tokens_leaves_weights_and_adam_state_untouched(
     metrics = policy_update(policy, optimizer, scheduler, batch, advantages, mask, None, None, cfg, info)
     assert metrics["skipped_updates"] == 0.5
     assert metrics["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-6) and expected["grad_norm"] > 0
+
+
+def test_rows_without_loss_tokens_are_not_run_and_leave_the_update_unchanged():
+    """A zero-variance group (all-zero loss mask) adds exactly 0 to the loss, so its forwards are skipped: the
+    update, and the forwards it runs, are those of the live rows alone (same mask-derived normaliser)."""
+    from grpo.optim import build_optimizer, build_scheduler
+    from grpo.trainer import policy_update
+
+    cfg, policy, optimizer, scheduler, batch, advantages, info = one_process_update_setup(1)
+    mask = batch.completion_mask.clone()
+    mask[:4] = 0  # group 0 of the two
+    alone = copy.deepcopy(policy)
+    alone_optimizer = build_optimizer(alone, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    rows = torch.arange(4, 8)
+    calls = {"full": 0, "alone": 0}
+    hooks = [m.lm_head.register_forward_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+             for m, key in ((policy, "full"), (alone, "alone"))]
+    metrics = policy_update(policy, optimizer, scheduler, batch, advantages, mask, None, None, cfg, info)
+    expected = policy_update(alone, alone_optimizer, build_scheduler(alone_optimizer, 1, 0.0, "constant"),
+                             batch.select(rows), advantages[rows], mask[rows], None, None,
+                             dataclasses.replace(cfg, prompts_per_step=1), info)
+    for h in hooks:
+        h.remove()
+    assert calls["full"] == calls["alone"] >= 1
+    assert metrics["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    for (name, a), b in zip(alone.named_parameters(), policy.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-7, rtol=0, msg=name)
 
 
 def test_mini_batch_order_changes_with_the_step_and_keeps_groups_whole():

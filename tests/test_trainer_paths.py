@@ -119,6 +119,29 @@ def test_overlong_penalty_and_truncation_mask(tmp_path, mask_truncated):
         assert abs(unmasked - expected) > 0.05 * expected
 
 
+# --------------------------------------------------------------------------------------------- π_old from the engine
+def test_engine_logprobs_as_old_logprobs_train_as_the_recomputed_ones(tmp_path):
+    """old_logprobs=rollout skips the π_old forward: with the torch engine in float32 its sampling log-probs are
+    the trainer's own, so two off-policy steps (2 mini-batches each) end on the same weights as with π_old
+    recomputed, and the engine gap is still reported, from the first update where the policy is still π_old."""
+    off_policy = dict(num_mini_batches=2, total_steps=2, lr=3e-2)
+    recomputed, _, _, p_recomputed = run_grpo(tmp_path / "recompute", **off_policy)
+    from_engine, _, _, p_engine = run_grpo(tmp_path / "rollout", old_logprobs="rollout", **off_policy)
+    assert "engine_logprob_gap/mean" in recomputed[0] and "engine_logprob_gap/mean" not in from_engine[0]
+    assert from_engine[0]["train/engine_logprob_gap"] < 1e-5
+    assert recomputed[1]["train/ratio_max"] != pytest.approx(1.0, abs=1e-3)  # the second update is off-policy
+    for h_r, h_e in zip(recomputed, from_engine):
+        assert h_e["train/loss"] == pytest.approx(h_r["train/loss"], rel=1e-4, abs=1e-6)
+        assert h_e["train/ratio_max"] == pytest.approx(h_r["train/ratio_max"], rel=1e-4)
+    for (name, a), b in zip(p_recomputed.named_parameters(), p_engine.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_engine_logprobs_cannot_be_corrected_against_themselves():
+    with pytest.raises(Exception, match="old_logprobs=rollout"):
+        GRPOConfig(**TINY, old_logprobs="rollout", rollout_correction="token").validate()
+
+
 # ------------------------------------------------------------------------------------------------------- TIS / MIS
 def test_tis_weights_are_one_on_policy_and_fixed_across_epochs(tmp_path):
     """μ = 1, one mini-batch: π_old is the very policy being differentiated (ratio exactly 1, nothing clipped), and

@@ -2,11 +2,14 @@
 
     python tests/dist_scripts/grpo_update.py OUT LOSS_AGG [shared]                           # 1 process, all rows
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_scripts/grpo_update.py OUT LOSS_AGG
+    (either with a third argument: shared | mixed | masked)
 
 `shared`: each prompt is repeated over 2 adjacent rows (as G completions of one prompt are).
 `mixed`: only rank 0's half repeats prompts, and its first micro-batch has 1-token completions only (C = 1), while
 rank 1's prompts are all distinct: a data-dependent choice of forward path would issue different FSDP2 collectives
 on the two ranks (a hang) — the choice must depend on the config alone.
+`masked`: rows 4–6 have an all-zero loss mask (as zero-variance groups do), so rank 1 has one live row to rank 0's
+four: it must pad with masked forwards to run as many as rank 0 (else a hang), and the update must not change.
 
 Each rank trains on its contiguous half of the rows (as the trainer's prompt split does); rank 0 writes
 OUT/world{W}.pt with the full weights after the update and the update's metrics, for tests/test_trainer.py.
@@ -58,7 +61,11 @@ def main(out: str, loss_agg: str, mode: str) -> None:
     prompts, completions, old, advantages = global_rollouts(mode)
     rows = slice(info.rank * ROWS // info.world_size, (info.rank + 1) * ROWS // info.world_size)
     batch = collate_rollouts(prompts[rows], completions[rows], old[rows], pad_id=0)
-    metrics = policy_update(policy, optimizer, scheduler, batch, advantages[rows], batch.completion_mask,
+    mask = batch.completion_mask.clone()
+    if mode == "masked":
+        dead = torch.arange(ROWS)[rows]
+        mask[(dead >= 4) & (dead <= 6)] = 0
+    metrics = policy_update(policy, optimizer, scheduler, batch, advantages[rows], mask,
                             None, None, cfg, info)
     state = full_state_dict(policy)
     if info.rank == 0:
