@@ -292,9 +292,9 @@ def train(cfg: GRPOConfig, policy: torch.nn.Module, tokenizer, prompts: list[dic
         shaped = rewards
         if cfg.kl_in_reward:  # the rollout log-probs are π_old's: the sampled policy's KL to the reference
             shaped = algos.kl_in_reward(rewards, batch.rollout_logprobs, ref_logp, batch.completion_mask, cfg.beta)
-        old_logp = frozen_logprobs(policy, batch, cfg) if cfg.needs_old_logprobs else None
-        if cfg.off_policy and cfg.old_logprobs == "rollout":
-            old_logp = batch.rollout_logprobs
+        old_logp = None
+        if cfg.off_policy:
+            old_logp = frozen_logprobs(policy, batch, cfg) if cfg.needs_old_logprobs else batch.rollout_logprobs
         times["reference"] = time.perf_counter() - t
         t = time.perf_counter()
 
