@@ -20,7 +20,6 @@ def test_one_step_on_smollm2_writes_a_loadable_checkpoint(tmp_path):
            "--model", "smollm2-135m-instruct", "--out_dir", str(tmp_path), "--total_steps", "1",
            "--prompts_per_step", "1", "--group_size", "2", "--max_completion_len", "8", "--limit", "4",
            "--offset", "0", "--eval_limit", "0", "--micro_batch_size", "2", "--beta", "0.04", "--mu", "2",
-           "--num_mini_batches", "2",  # off-policy updates, so π_old is recomputed (the preset is on-policy)
            "--dynamic_sampling", "false"]  # two 8-token answers of the base model score alike: keep the group
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True,
                           text=True, timeout=300)
