@@ -134,13 +134,23 @@ def main(argv: list[str] | None = None) -> dict:
     return evaluate(cfg)
 
 
-def with_schema(descriptions: dict[str, str] | None, schema: str) -> dict[str, str] | None:
-    """The type descriptions the prompts show: the checkpoint recipe's, overridden by a ``--schema`` file's."""
-    if not schema:
-        return descriptions
-    from ner.schema import read_schema_file
+def prompt_descriptions(name: str, recipe_descriptions: dict[str, str] | None, schema: str
+                        ) -> dict[str, str] | None:
+    """The type descriptions the prompts show for data set ``name``, over the data set's own.
 
-    return {**(descriptions or {}), **read_schema_file(schema).descriptions}
+    A registered data set defines its types itself: CrossNER politics' `person` excludes politicians, CoNLL's does
+    not, so a model is scored zero-shot on a new domain by that domain's definitions, never by the ones its
+    checkpoint recipe trained on. The recipe's descriptions apply to data files and folders, whose own are generic
+    fallbacks; a ``--schema`` file's apply to every data set and win.
+    """
+    from ner.data import REGISTRY
+
+    merged = {} if name in REGISTRY else dict(recipe_descriptions or {})
+    if schema:
+        from ner.schema import read_schema_file
+
+        merged.update(read_schema_file(schema).descriptions)
+    return merged or None
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -157,12 +167,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     from ner.token_fit import format_generation_fit
 
     cfg.format, cfg.k_shot, stop, descriptions, note = evaluation_settings(cfg.model, cfg.format, cfg.k_shot)
-    descriptions = with_schema(descriptions, cfg.schema)
     print(f"prompt: {note}", file=sys.stderr)
+    shown = {name: prompt_descriptions(name, descriptions, cfg.schema) for name in cfg.dataset}
     for name in cfg.dataset:  # every data problem surfaces before the model loads
         load_eval_data(name, cfg.split, cfg.limit, cfg.k_shot, cfg.data_dir, cfg.fewshot_data, cfg.label_map)
     if cfg.fit_only:
-        return fit_only(cfg, descriptions)
+        return fit_only(cfg, shown)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, device)
     model.eval()
@@ -176,7 +186,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             engine, tokenizer, name, cfg.split, cfg.limit, cfg.format, cfg.k_shot, cfg.prompt_seed,
             cfg.max_new_tokens, cfg.data_dir, stop=stop, mode=cfg.match, batch_size=cfg.batch_size,
             temperature=cfg.temperature, fewshot_data=cfg.fewshot_data, label_map=cfg.label_map,
-            descriptions=descriptions, max_prompt_len=cfg.max_prompt_len or None)
+            descriptions=shown[name], max_prompt_len=cfg.max_prompt_len or None)
         seconds = time.perf_counter() - t0
         table = format_table(report)
         # report.per_type is keyed by the dataset's schema, in its order: the types the protocols score.
@@ -223,7 +233,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     return results
 
 
-def fit_only(cfg: EvalConfig, descriptions: dict[str, str] | None) -> dict:
+def fit_only(cfg: EvalConfig, descriptions: dict[str, dict[str, str] | None]) -> dict:
     """``--fit_only``: ner.token_fit's counts of every dataset's prompts and gold answers, with the tokenizer only."""
     from grpo.models import load_tokenizer
     from ner.evaluation import build_eval_records
@@ -233,7 +243,8 @@ def fit_only(cfg: EvalConfig, descriptions: dict[str, str] | None) -> dict:
     fits = {}
     for name in cfg.dataset:
         data, records = build_eval_records(name, cfg.split, cfg.limit, cfg.format, cfg.k_shot, cfg.prompt_seed,
-                                           cfg.data_dir, cfg.fewshot_data, cfg.label_map, descriptions)
+                                           cfg.data_dir, cfg.fewshot_data, cfg.label_map,
+                                           descriptions[name])
         fits[name] = tokenizer_fit(tokenizer, data, records, cfg.max_new_tokens, cfg.max_prompt_len or None)
     print(f"tokens of `{cfg.model}`'s tokenizer, format {cfg.format}, k_shot {cfg.k_shot}\n"
           + format_tokenizer_fit(fits))

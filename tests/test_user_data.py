@@ -142,10 +142,14 @@ def test_schema_file_gives_the_descriptions_of_the_users_types(tmp_path):
     schema = write(tmp_path / "types.yaml", "drug: a medicine or other chemical given to patients\n"
                                             "person: a human being, named\n")
     recipe = {"person": "recipe's person", "location": "recipe's location"}
-    assert evaluate.with_schema(recipe, str(schema)) == {  # the file wins where both describe a type
+    assert evaluate.prompt_descriptions("my/test.txt", recipe, str(schema)) == {  # the file wins where both say
         "person": "a human being, named", "location": "recipe's location",
         "drug": "a medicine or other chemical given to patients"}
-    assert evaluate.with_schema(recipe, "") is recipe
+    assert evaluate.prompt_descriptions("my/test.txt", recipe, "") == recipe
+    # A registered data set is scored by its own definitions, never the recipe's (a schema file still applies).
+    assert evaluate.prompt_descriptions("crossner_politics", recipe, "") is None
+    assert evaluate.prompt_descriptions("crossner_politics", recipe, str(schema)) == {
+        "person": "a human being, named", "drug": "a medicine or other chemical given to patients"}
     # A broken schema file is reported before any model loads (this folder passes the path check, fails to load).
     bad = write(tmp_path / "bad.yaml", "drug: [not, a, description]\n")
     (tmp_path / "model").mkdir()
