@@ -23,20 +23,22 @@ from grpo.models import check_model_spec, load_model, load_model_and_tokenizer, 
 from grpo.rollout_io import tokenize_prompts
 from grpo.run_dir import plan_run
 from grpo.trainer import train
-from ner.data import select_sentences
 from ner.config_checks import dataset_problems, format_problems, reward_problems, reward_weights_help
 from ner.evaluation import make_eval_fn
 from ner.headroom import keep_disagreeing_prompts
-from ner.prompts import build_prompts, limit_empty_answers
+from ner.mixture import load_mixture, mixture_prompts
+from ner.prompts import limit_empty_answers
 from ner.recipe import default_stop, recipe_files, recipe_for_training, set_stop_strings
 from ner.rewards import PRESETS, build_reward_fns
-from ner.user_data import is_single_file, load_user_dataset
+from ner.user_data import is_single_file
 
 
 @dataclass
 class NERGRPOConfig(GRPOConfig):
     """GRPO for reasoning-NER: the trainer's fields (grpo/grpo_config.py) plus the task's data and prompt fields."""
-    dataset: str = _f("conll2003", "training set: a registered name (conll2003, crossner_ai, …) or a data file")
+    dataset: str = _f("conll2003", "training set: a registered name (conll2003, crossner_ai, …) or a data file; "
+                                   "several joined by commas train on their mix, each sentence asked its own "
+                                   "data set's types (ner/mixture.py)")
     split: str = _f("train", "training split")
     data_dir: str | None = _f(None, "data folder (default $NER_DATA_DIR or ../shared/data)")
     offset: int = _f(0, "skip the first N training sentences (e.g. the ones CoT tuning used)")
@@ -98,11 +100,10 @@ def build_train_prompts(cfg: NERGRPOConfig, tokenizer) -> tuple[list[dict], int]
     train_grpo.main and ner.headroom both call this, so a headroom file's indices are this list's. Each record
     carries its ``prompt_ids`` (the trainer's tokenize_prompts uses them as they are instead of tokenizing again).
     """
-    data = load_user_dataset(cfg.dataset, cfg.split, cfg.data_dir, cfg.label_map)
-    data.sentences = select_sentences(data.sentences, cfg.offset, cfg.limit, cfg.sentence_seed)
-    pool = load_user_dataset(cfg.fewshot_data or cfg.dataset, "train", cfg.data_dir, cfg.label_map,
-                             require_keys=False)
-    prompts = build_prompts(data, cfg.format, k_shot=cfg.k_shot, seed=cfg.prompt_seed, fewshot_pool=pool)
+    members = load_mixture(cfg.dataset, cfg.split, cfg.data_dir, cfg.label_map, cfg.offset, cfg.limit,
+                           cfg.sentence_seed)
+    prompts, _ = mixture_prompts(members, cfg.format, cfg.k_shot, cfg.prompt_seed, cfg.data_dir, cfg.label_map,
+                                 cfg.fewshot_data)
     prompts = limit_empty_answers(prompts, cfg.max_empty_ratio, cfg.seed)
     ids, kept, n_dropped = tokenize_prompts(tokenizer, prompts, cfg.max_prompt_len)
     return [{**record, "prompt_ids": toks} for record, toks in zip(kept, ids)], n_dropped

@@ -25,14 +25,14 @@ from grpo.sft import SFTConfig, tokenize_pairs, train_sft
 from ner.config_checks import dataset_problems, format_problems
 from ner.prompts import limit_empty_answers
 from ner.recipe import default_stop, recipe_files, recipe_for_training, set_stop_strings
-from ner.sft_data import read_cot_records, sft_pairs
+from ner.sft_data import instruction_groups, read_cot_records, sft_pairs
 
 
 @dataclass
 class NERSFTConfig(SFTConfig):
     """CoT SFT for reasoning-NER: the SFT fields plus the CoT-generation fields (stage 1, ner.cot)."""
-    dataset: str = _f("", "if set, first generate (or complete) the CoT file `data` from this data set with ner.cot; "
-                          "empty = `data` must already exist")
+    dataset: str = _f("", "if set, first generate (or complete) the CoT file `data` from this data set with ner.cot "
+                          "(several joined by commas: their mix, ner/mixture.py); empty = `data` must already exist")
     split: str = _f("train", "split for CoT generation")
     data_dir: str | None = _f(None, "data folder (default $NER_DATA_DIR or ../shared/data)")
     limit: int = _f(0, "CoT generation: first N sentences (0 = all)")
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     records = limit_empty_answers(read_cot_records(cfg.data), cfg.max_empty_ratio, cfg.seed)
     # fp32 master weights, compute in cfg.dtype (grpo.distributed.shard_trainable)
     model, tokenizer = load_model_and_tokenizer(cfg.model, "float32", info.device)
-    rows, dropped = tokenize_pairs(tokenizer, sft_pairs(records, tokenizer), cfg.max_len)
+    rows, dropped = tokenize_pairs(tokenizer, sft_pairs(records, tokenizer), cfg.max_len, instruction_groups(records))
     # The prompt recipe goes into every checkpoint, the stop string into its generation_config.json (predict.py).
     recipe = recipe_for_training(cfg.format, cfg.dataset, cfg.split, cfg.data_dir, cfg.k_shot, cfg.prompt_seed,
                                  default_stop(cfg.format), 256, "sft", records)

@@ -98,10 +98,13 @@ class SFTConfig(RunDirOptions):
 
 @dataclass
 class Row:
-    """One training row: ``input_ids``, ``labels`` and ``position_ids`` are lists of the same length."""
+    """One training row: ``input_ids``, ``labels`` and ``position_ids`` are lists of the same length. ``group``:
+    rows of one group share their prompt's instructions (a data set of a mixture); ``group_by_length`` keeps a
+    step inside one group where it can, so ``share_prompt_prefix`` finds a long prefix to run once."""
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
+    group: int = 0
 
     @property
     def n_targets(self) -> int:
@@ -119,8 +122,10 @@ def build_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], eos_
     return Row(ids, labels, list(range(len(ids))))
 
 
-def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_len: int) -> tuple[list[Row], int]:
-    """Text pairs → rows of one example each; returns (rows, number dropped for exceeding max_len).
+def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_len: int, groups: Sequence[int] | None = None
+                   ) -> tuple[list[Row], int]:
+    """Text pairs → rows of one example each (``groups``: each pair's ``Row.group``); returns (rows, number dropped
+    for exceeding max_len).
 
     Prompt and completion are tokenised *separately*: generation sees the prompt's tokens and then produces the
     completion's, and tokenising the concatenation could merge tokens across that boundary. The prompt text is
@@ -130,10 +135,11 @@ def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_len: int) ->
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id: SFT needs one to teach the model to stop")
     rows, dropped = [], 0
-    for prompt, completion in pairs:
+    for i, (prompt, completion) in enumerate(pairs):
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         c = tokenizer(completion, add_special_tokens=False)["input_ids"]
         row = build_example(p, c, eos)
+        row.group = groups[i] if groups is not None else 0
         if len(row.input_ids) > max_len:
             dropped += 1
             continue
@@ -249,15 +255,16 @@ def shared_prefix_nll_sum(model: torch.nn.Module, rows: Sequence[Row], prefix_le
 # ----------------------------------------------------------------------------- data order
 
 def rows_for_step(n_rows: int, step: int, rows_per_step: int, seed: int,
-                  lengths: Sequence[int] | None = None) -> list[int]:
+                  lengths: Sequence[int] | None = None, groups: Sequence[int] | None = None) -> list[int]:
     """Row indices of global optimizer step ``step``: a fresh permutation per epoch, wrapped to fill the last step.
 
     ``lengths`` (tokens per row) groups rows of similar length into the same step, as transformers'
     ``group_by_length``: each run of ``GROUP_STEPS`` steps of the permutation is sorted by length and cut into steps,
     and the steps of the epoch are shuffled again, so a step pads to a length its rows nearly share (on 600 CoNLL CoT
     rows a random step of 8 carries 1.68x the real tokens, a grouped one 1.07x) while the epoch still visits every
-    row once in an order that does not run from short to long. A pure function of (step, seed), so a resumed run
-    picks up the exact order it would have seen.
+    row once in an order that does not run from short to long. ``groups`` (with ``lengths``): the run is sorted by
+    group first, so a step holds one group's rows but where a group runs out. A pure function of (step, seed), so a
+    resumed run picks up the exact order it would have seen.
     """
     steps_per_epoch = math.ceil(n_rows / rows_per_step)
     epoch, k = divmod(step, steps_per_epoch)
@@ -266,7 +273,10 @@ def rows_for_step(n_rows: int, step: int, rows_per_step: int, seed: int,
     rng.shuffle(order)
     if lengths is not None:
         group = rows_per_step * GROUP_STEPS
-        order = [i for g in range(0, n_rows, group) for i in sorted(order[g:g + group], key=lambda i: -lengths[i])]
+        def key(i: int) -> tuple[int, int]:
+            return (groups[i] if groups is not None else 0, -lengths[i])
+
+        order = [i for g in range(0, n_rows, group) for i in sorted(order[g:g + group], key=key)]
         full = n_rows - n_rows % rows_per_step
         cuts = [order[s:s + rows_per_step] for s in range(0, full, rows_per_step)]
         rng.shuffle(cuts)  # a short last cut stays last, where the wrap-around fills it
@@ -318,7 +328,8 @@ def _train_step(model, optimizer, scheduler, data: Sequence[Row], step: int, cfg
     t0 = time.perf_counter()
     per_rank = cfg.batch_size * cfg.grad_accum
     lengths = [len(r.input_ids) for r in data] if cfg.group_by_length else None
-    idx = rows_for_step(len(data), step, per_rank * info.world_size, cfg.seed, lengths)
+    groups = [r.group for r in data] if cfg.group_by_length and len({r.group for r in data}) > 1 else None
+    idx = rows_for_step(len(data), step, per_rank * info.world_size, cfg.seed, lengths, groups)
     mine = [data[i] for i in idx[info.rank * per_rank:(info.rank + 1) * per_rank]]
     micro = [mine[m * cfg.batch_size:(m + 1) * cfg.batch_size] for m in range(cfg.grad_accum)]
     n_targets = all_reduce_sum(float(sum(r.n_targets for r in mine)))

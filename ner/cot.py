@@ -329,28 +329,14 @@ def generate_cot(records: list[dict], sentences: dict[str, Sentence], teacher, o
 
 def build_cot_records(dataset: str, split: str, fmt: str, limit: int = 0, k_shot: int = 0, prompt_seed: int = 0,
                       data_dir: str | None = None, sentence_seed: int = -1) -> tuple[list[dict], dict[str, Sentence]]:
-    """Prompt records of the first ``limit`` sentences of a split (of its shuffle by ``sentence_seed`` ≥ 0,
-    ``ner.data.select_sentences``), built exactly as ``train_grpo.py`` builds its
-    prompts (few-shot pool: the whole train split), so a model tuned on them meets the same prompts in GRPO."""
-    from ner.data import load_ner_dataset, select_sentences
-    from ner.prompts import build_prompts
+    """(prompt records, {sentence_id: sentence}) of the first ``limit`` sentences of a split (of its shuffle by
+    ``sentence_seed`` ≥ 0, ``ner.data.select_sentences``), built exactly as ``train_grpo.py`` builds its prompts
+    (few-shot pool: the whole train split), so a model tuned on them meets the same prompts in GRPO. ``dataset``
+    may be a mixture (``ner.mixture``): the first ``limit`` of each member."""
+    from ner.mixture import load_mixture, mixture_prompts
 
-    ds = load_ner_dataset(dataset, split, data_dir=data_dir)
-    ds.sentences = select_sentences(ds.sentences, 0, limit, sentence_seed)
-    pool = load_ner_dataset(dataset, "train", data_dir=data_dir) if k_shot else None
-    records = build_prompts(ds, fmt, k_shot=k_shot, seed=prompt_seed, fewshot_pool=pool)
-    by_id = {r["sentence_id"]: s for r, s in zip(_sentence_records(records), ds.sentences)}
-    return records, by_id
-
-
-def _sentence_records(records: list[dict]) -> list[dict]:
-    """The first record of each sentence, in order (tagged prompts repeat a sentence once per type)."""
-    seen, firsts = set(), []
-    for r in records:
-        if r["sentence_id"] not in seen:
-            seen.add(r["sentence_id"])
-            firsts.append(r)
-    return firsts
+    members = load_mixture(dataset, split, data_dir, offset=0, limit=limit, sentence_seed=sentence_seed)
+    return mixture_prompts(members, fmt, k_shot, prompt_seed, data_dir)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -121,25 +121,27 @@ def recipe_for_training(fmt: str, dataset: str, split: str, data_dir: str | None
                         records: list[dict] | None = None) -> dict:
     """The recipe of a training run: from its data set (types, descriptions, few-shot pool = train split), or,
     when ``dataset`` is empty (SFT on an existing CoT file), from the CoT ``records`` themselves. Warns on stderr
-    when the recipe does not rebuild the first zero-shot training prompt."""
+    when the recipe does not rebuild the first zero-shot training prompt (a mixture's cannot: each of its prompts
+    asks one member's types, the recipe all of them; evaluate.py scores a registered data set by its own types)."""
     from ner.data import load_ner_dataset
+    from ner.mixture import load_mixture, mixture_names, mixture_schema
 
-    if dataset:
-        data = load_ner_dataset(dataset, split, data_dir)
-        types, descriptions = data.types, data.descriptions
+    mixture = bool(dataset) and len(mixture_names(dataset)) > 1
+    if dataset:  # a mixture's recipe asks every member's types (each described as its first member does)
+        types, descriptions = mixture_schema(load_mixture(dataset, split, data_dir, limit=1))
     else:
         fmt = records[0]["format"] if records else fmt  # the CoT file's own format is what the model saw
         types = list(dict.fromkeys(t for r in records or [] for t in r["types"]))
         descriptions = _descriptions_from_records(records or [])
         descriptions = {t: descriptions.get(t, "") for t in types}
-    pool = load_ner_dataset(dataset, "train", data_dir) if k_shot and dataset else None
+    pool = load_ner_dataset(dataset, "train", data_dir) if k_shot and dataset and not mixture else None
     recipe = build_recipe(fmt, types, descriptions, k_shot=k_shot if pool is not None else 0,
                           prompt_seed=prompt_seed, fewshot_pool=pool, stop=stop, max_new_tokens=max_new_tokens,
                           source={"stage": stage, "dataset": dataset, "split": split})
     if k_shot and pool is None:
-        print(f"prompt recipe: k_shot={k_shot} but no data set to draw stored examples from; the recipe is "
-              f"zero-shot", file=sys.stderr)
-    if records and k_shot == 0 and not training_prompt_matches(recipe, records[0]):
+        print(f"prompt recipe: k_shot={k_shot} but no single data set to draw stored examples from; the recipe "
+              f"is zero-shot", file=sys.stderr)
+    if records and k_shot == 0 and not mixture and not training_prompt_matches(recipe, records[0]):
         print("prompt recipe: WARNING the stored recipe does not rebuild the first training prompt exactly",
               file=sys.stderr)
     return recipe

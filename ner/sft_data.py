@@ -61,6 +61,13 @@ def _cot_record_problem(rec: object) -> str | None:
     return None
 
 
+def instruction_groups(records: list[dict]) -> list[int]:
+    """A group number per record (``grpo.sft.Row.group``): records asking the same types in the same format share
+    their instructions, so a mixture's data sets (and a tagged prompt's types) get a number each."""
+    ids: dict[tuple, int] = {}
+    return [ids.setdefault((r["format"], tuple(r["types"])), len(ids)) for r in records]
+
+
 def sft_pairs(records: list[dict], tokenizer) -> list[tuple[str, str]]:
     """(rendered prompt, completion) per record."""
     return [(render_prompt(tokenizer, r), r["completion"]) for r in records]
