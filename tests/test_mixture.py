@@ -96,3 +96,29 @@ def test_an_empty_mixture_is_refused(spec):
 
     with pytest.raises(ValueError, match="names no data set"):
         mixture_names(spec)
+
+
+def test_leave_one_domain_out_configs_never_show_the_held_out_domain(smollm2_tokenizer):
+    """configs/{sft,grpo}_smollm2_mix.yaml (held out: politics) validate as shipped, train on CoNLL-2003 and the
+    four other domains' train splits, and GRPO samples exactly the sentences the SFT phase tuned on."""
+    from collections import Counter
+
+    import train_grpo
+    import train_sft
+    from grpo.config import parse_config
+    from ner.cot import build_cot_records
+
+    sft = parse_config(train_sft.NERSFTConfig, ["--config", "configs/sft_smollm2_mix.yaml"])
+    grpo = parse_config(train_grpo.NERGRPOConfig, ["--config", "configs/grpo_smollm2_mix.yaml"])
+    sft.validate(1)
+    grpo.validate(1)
+    assert sft.dataset == grpo.dataset and "politics" not in sft.dataset and grpo.model == sft.out_dir
+    prompts, n_long = train_grpo.build_train_prompts(grpo, smollm2_tokenizer)
+    assert n_long == 0  # max_prompt_len fits every training prompt
+    assert Counter(p["sentence_id"].split("/")[0] for p in prompts) == {
+        "conll2003": 200, "crossner_ai": 100, "crossner_literature": 100, "crossner_music": 100,
+        "crossner_science": 200}  # stats.json: the four train splits whole, CoNLL's first 200 of its shuffle
+    records, _ = build_cot_records(sft.dataset, sft.split, sft.format, sft.limit, sft.k_shot, sft.prompt_seed,
+                                   None, sft.sentence_seed)
+    assert [r["sentence_id"] for r in records] == [p["sentence_id"] for p in prompts]
+    assert [r["messages"] for r in records] == [p["messages"] for p in prompts]
