@@ -39,6 +39,20 @@ class RolloutBatch:
         return RolloutBatch(self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx],
                             self.completion_mask[idx], self.rollout_logprobs[idx], self.prompt_len)
 
+    def narrow(self) -> "RolloutBatch":
+        """The same rows without the columns that are padding in every row: the left padding of the longest prompt
+        of the whole step and the right padding of its longest completion. A micro-batch of short rows then costs
+        what its own tokens cost (a mixture pads CoNLL's 200-token prompts to science's 800 otherwise, and one
+        512-token runaway answer pads every micro-batch). Positions count real tokens, so they are unchanged;
+        completion columns keep their index, so [:, :C'] of any [N, C] per-token tensor lines up with the result.
+        """
+        used = self.attention_mask.bool().any(dim=0)                               # [P + C]
+        lead = int(used[:self.prompt_len].long().argmax()) if used[:self.prompt_len].any() else self.prompt_len
+        c = max(1, int(self.completion_mask.sum(dim=1).max()))
+        cols = slice(lead, self.prompt_len + c)
+        return RolloutBatch(self.input_ids[:, cols], self.attention_mask[:, cols], self.position_ids[:, cols],
+                            self.completion_mask[:, :c], self.rollout_logprobs[:, :c], self.prompt_len - lead)
+
 
 def collate_rollouts(prompt_ids: list[list[int]], completion_ids: list[list[int]],
                      rollout_logprobs: list[list[float]], pad_id: int) -> RolloutBatch:

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from grpo import algos
 from grpo.batch import RolloutBatch, collate_rollouts, completion_logprobs
@@ -96,10 +97,11 @@ def step_prompt_indices(step: int, cfg: GRPOConfig, n_prompts: int, info: DistIn
 @torch.no_grad()
 def frozen_logprobs(model: torch.nn.Module, batch: RolloutBatch, cfg: GRPOConfig) -> torch.Tensor:
     """Log-probs of the completions under a model that is not being differentiated (π_old or π_ref), [N, C]."""
-    parts = [completion_logprobs(model, batch.select(slice(i, i + cfg.micro_batch_size)), cfg.temperature,
+    C = batch.completion_mask.shape[1]
+    parts = [completion_logprobs(model, batch.select(slice(i, i + cfg.micro_batch_size)).narrow(), cfg.temperature,
                                  share_prompts=cfg.share_prompt_prefix)[0]
              for i in range(0, len(batch), cfg.micro_batch_size)]
-    return torch.cat(parts).float().cpu()
+    return torch.cat([F.pad(p.float().cpu(), (0, C - p.shape[1])) for p in parts])  # 0 past each row's end
 
 
 def micro_batch_loss(policy, mb: RolloutBatch, advantages: torch.Tensor, mask: torch.Tensor,
@@ -109,13 +111,19 @@ def micro_batch_loss(policy, mb: RolloutBatch, advantages: torch.Tensor, mask: t
     """The loss of one micro-batch, scaled so that summed over the mini-batch's micro-batches and ranks it is the
     mini-batch loss (aggregate_loss with the GLOBAL normalisers ``num_tokens`` / ``num_seqs``).
 
-    mb: N rows; advantages [N]; mask [N, C] loss mask; old_logp / ref_logp [N, C] or None (on-policy: π_old is
-    this very forward, detached; β = 0 or KL in the reward: no KL term). All on the policy's device.
+    mb: N rows, narrowed (``RolloutBatch.narrow``) to C' ≤ C completion columns; advantages [N]; mask [N, C] loss
+    mask; old_logp / ref_logp [N, C] or None (on-policy: π_old is this very forward, detached; β = 0 or KL in the
+    reward: no KL term); the per-token ones are cut to C' here (past it every row is padding, mask 0). All on the
+    policy's device.
     ``measure_gap``: the policy is still the one that sampled (the step's first update), so |log π − engine log-prob|
     is the engine's error and is reported as ``engine_logprob_gap``.
     """
     logp, entropy = completion_logprobs(policy, mb, cfg.temperature, with_entropy=True,
                                         share_prompts=cfg.share_prompt_prefix)
+    C = logp.shape[1]
+    mask = mask[:, :C]
+    old_logp = None if old_logp is None else old_logp[:, :C]
+    ref_logp = None if ref_logp is None else ref_logp[:, :C]
     old = logp.detach() if old_logp is None else old_logp
     rollout_logp = mb.rollout_logprobs.to(logp.device)
     metrics: dict[str, torch.Tensor] = {}
@@ -192,7 +200,7 @@ def policy_update(policy, optimizer, scheduler, batch: RolloutBatch, advantages:
                         idx = rows[:1]
                     mask = loss_mask[idx].to(device)
                     loss, pm = micro_batch_loss(
-                        policy, batch.select(idx), advantages[idx].to(device), mask,
+                        policy, batch.select(idx).narrow(), advantages[idx].to(device), mask,
                         None if old_logp is None else old_logp[idx].to(device),
                         None if ref_logp is None else ref_logp[idx].to(device), num_tokens, num_seqs, cfg,
                         measure_gap=epoch == 0 and m == 0)

@@ -30,7 +30,9 @@ def logp_and_grads(model, batch, share: bool):
     model.zero_grad(set_to_none=True)
     logp, entropy = completion_logprobs(model, batch, temperature=0.7, with_entropy=True, share_prompts=share)
     # A loss that weights every completion token differently, so any misplaced row/column changes the gradient.
-    weights = torch.arange(1, logp.numel() + 1, dtype=torch.float32).reshape(logp.shape) / logp.numel()
+    # (A weight of its row and column alone, so a batch narrowed to fewer columns weights its tokens the same.)
+    rows, cols = torch.meshgrid(torch.arange(logp.shape[0]), torch.arange(logp.shape[1]), indexing="ij")
+    weights = (1 + 11 * rows + cols).float() / 64
     ((logp * weights * batch.completion_mask).sum()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     return logp.detach(), entropy, grads
@@ -68,3 +70,26 @@ def test_gradient_checkpointing_falls_back_to_the_plain_forward():
     assert not supports_shared_prefix(model)
     model.eval()
     assert supports_shared_prefix(model)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_narrowed_micro_batch_scores_its_rows_as_the_whole_batch_does(share):
+    """A micro-batch of the short rows drops the columns that are padding in all of its rows (the long prompt's
+    left padding, the long completion's right padding) and gives the same log-probs and gradients there."""
+    model = tiny_llama(vocab_size=64, hidden=32, layers=2, heads=4, seed=5)
+    model.train()
+    batch = grouped_batch()                 # prompts of 4 and 7 tokens, completions of 1..5 tokens
+    rows = torch.tensor([0, 1, 2])          # the 4-token prompt, completions of 1, 2 and 3 tokens
+    whole = batch.select(rows)
+    narrow = whole.narrow()
+    P, C = batch.prompt_len, batch.completion_mask.shape[1]
+    assert (P, C) == (7, 5) and (narrow.prompt_len, narrow.completion_mask.shape[1]) == (4, 3)
+    assert narrow.input_ids.shape == (3, 4 + 3) and narrow.attention_mask.all(dim=1).any()  # no all-pad column left
+    assert torch.equal(narrow.input_ids, whole.input_ids[:, 3:10])
+    a = logp_and_grads(model, whole, share)
+    b = logp_and_grads(model, narrow, share)
+    mask = narrow.completion_mask.bool()
+    torch.testing.assert_close(b[0][mask], a[0][:, :3][mask], atol=1e-5, rtol=1e-5)
+    for name, g in a[2].items():
+        torch.testing.assert_close(b[2][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    assert batch.narrow().input_ids.shape == batch.input_ids.shape  # the whole batch uses every column
