@@ -228,3 +228,19 @@ def test_end_markers_are_ignored_and_long_whitespace_is_linear():
         parse_both(text)
     # Linear work is ~10 ms here; a quadratic scan of 200k characters takes minutes.
     assert time.perf_counter() - start < 5.0
+
+
+def test_runaway_json_salvage_takes_the_first_list_of_each_asked_type():
+    """scripts/salvage_runaway_json.py (a diagnostic): an answer that repeats keys instead of closing the object."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "salvage_runaway_json.py"
+    spec = importlib.util.spec_from_file_location("salvage_runaway_json", path)
+    salvage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(salvage)
+    answer = ('<think>"Canada": a place, so "country": ["x"].</think>\n{"entities": {"country": ["Canada", "Mexico"], '
+              '"location": [], "person": ["A \\"B\\" C"], "politician": [], "party": ["P"], "politician": ["Z"], '
+              '"politician": [], "polit')
+    assert salvage.first_lists(answer, ["country", "location", "person", "politician", "election"]) == {
+        "country": ["Canada", "Mexico"], "location": [], "person": ['A "B" C'], "politician": [], "election": []}
