@@ -7,7 +7,10 @@ evaluation does. This script re-scores each report with, for answers that did no
 under each asked type, so "cannot close the object" and "does not know the entities" can be told apart. It is a
 diagnostic, not a protocol: the README's scores are evaluate.py's.
 
-    python scripts/salvage_runaway_json.py outputs/lodo/*_politics/report.json
+    python scripts/salvage_runaway_json.py outputs/lodo/*_politics/report.json [--write outputs/lodo_salvaged]
+
+``--write DIR`` also writes each report with the salvaged answers as DIR/<report's folder>/report.json, which
+``evaluate.py --compare`` reads like any other (a paired bootstrap of the salvaged scores).
 """
 from __future__ import annotations
 
@@ -32,11 +35,12 @@ def first_lists(answer: str, types: list[str]) -> dict[str, list[str]]:
     return {t: found.get(t, []) for t in types}
 
 
-def main(paths: list[str]) -> None:
+def main(paths: list[str], write: str = "") -> None:
     print("| report | data set | answers | unparsed | writing more keys than asked | strict F1 | F1 with salvaged answers |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for path in paths:
-        for name, res in json.loads(Path(path).read_text())["results"].items():
+        report = json.loads(Path(path).read_text())
+        for name, res in report["results"].items():
             if name == "average":
                 continue
             sentences = res["sentences"]
@@ -49,12 +53,22 @@ def main(paths: list[str]) -> None:
                     looping += len(KEY_LIST.findall(answer.split("</think>")[-1])) > len(s["types"])
                 golds.append(s["gold"])
                 preds.append(pred)
+                s["pred"] = pred
             types = sentences[0]["types"]
             salvaged = score_protocols(golds, preds, types, "strict")["strict"]["f1"]
             strict = res["protocols"]["strict"]["f1"]
             unparsed = sum(not s["format_ok"] for s in sentences)
             print(f"| {path} | {name} | {len(sentences)} | {unparsed} | {looping} | {strict:.4f} | {salvaged:.4f} |")
+        if write:
+            out = Path(write) / Path(path).parent.name / "report.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    target = ""
+    if "--write" in args:
+        i = args.index("--write")
+        target, args = args[i + 1], args[:i] + args[i + 2:]
+    main(args, target)
