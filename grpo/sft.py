@@ -328,7 +328,7 @@ def _train_step(model, optimizer, scheduler, data: Sequence[Row], step: int, cfg
     t0 = time.perf_counter()
     per_rank = cfg.batch_size * cfg.grad_accum
     lengths = [len(r.input_ids) for r in data] if cfg.group_by_length else None
-    groups = [r.group for r in data] if cfg.group_by_length and len({r.group for r in data}) > 1 else None
+    groups = [r.group for r in data] if cfg.group_by_length else None  # one group (the usual case): same order
     idx = rows_for_step(len(data), step, per_rank * info.world_size, cfg.seed, lengths, groups)
     mine = [data[i] for i in idx[info.rank * per_rank:(info.rank + 1) * per_rank]]
     micro = [mine[m * cfg.batch_size:(m + 1) * cfg.batch_size] for m in range(cfg.grad_accum)]

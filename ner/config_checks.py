@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ner.crossner_table import DATASET_GROUPS, expand_dataset_groups
+from ner.crossner_table import DATASET_GROUPS
 from ner.data import REGISTRY, SPLITS, default_data_dir
+from ner.mixture import mixture_names
 from ner.prompts import FORMATS
 from ner.rewards import PRESETS, REWARDS
 
@@ -17,11 +18,11 @@ def dataset_problems(field: str, name: str, split: str, data_dir: str | None) ->
     """``name`` must be a registered data set whose ``split`` file exists under the data folder, or a data file;
     a training mixture (names joined by commas, ner/mixture.py) is checked member by member."""
     if "," in name:
-        members = [n.strip() for n in name.split(",") if n.strip()]
-        if not members:
+        try:
+            members = mixture_names(name)
+        except ValueError:
             return [f"{field}={name!r} names no data set"]
-        return [problem for member in expand_dataset_groups(members)
-                for problem in dataset_problems(field, member, split, data_dir)]
+        return [problem for member in members for problem in dataset_problems(field, member, split, data_dir)]
     if split not in SPLITS:
         return [f"split {split!r} (for {field}={name}): expected one of {', '.join(SPLITS)}"]
     if name in REGISTRY:

@@ -124,11 +124,12 @@ def recipe_for_training(fmt: str, dataset: str, split: str, data_dir: str | None
     when the recipe does not rebuild the first zero-shot training prompt (a mixture's cannot: each of its prompts
     asks one member's types, the recipe all of them; evaluate.py scores a registered data set by its own types)."""
     from ner.data import load_ner_dataset
-    from ner.mixture import load_mixture, mixture_names, mixture_schema
+    from ner.mixture import load_mixture, mixture_schema
 
-    mixture = bool(dataset) and len(mixture_names(dataset)) > 1
+    members = load_mixture(dataset, split, data_dir, limit=1) if dataset else []
+    mixture = len(members) > 1
     if dataset:  # a mixture's recipe asks every member's types (each described as its first member does)
-        types, descriptions = mixture_schema(load_mixture(dataset, split, data_dir, limit=1))
+        types, descriptions = mixture_schema(members)
     else:
         fmt = records[0]["format"] if records else fmt  # the CoT file's own format is what the model saw
         types = list(dict.fromkeys(t for r in records or [] for t in r["types"]))
