@@ -53,6 +53,9 @@ class EvalConfig:
                          "shows for your data's types, over the data set's and the checkpoint recipe's")
     prompt_seed: int = _f(0, "seed of the few-shot example choice")
     max_new_tokens: int = _f(256, "generation budget per answer; answers it cuts are counted per dataset")
+    guided_json: bool = _f(False, "json format, torch engine: write the answer's keys (every asked type, in order) "
+                                  "and closing braces for the model, as a schema-guided decoder would; the model "
+                                  "writes the lists (ner/json_guide.py). The fit table counts the answers it changed")
     max_prompt_len: int = _f(0, "sentences whose prompt is longer than this many tokens are left out and counted "
                                 "(0 = keep every sentence)")
     fit_only: bool = _f(False, "count prompt and gold-answer tokens per dataset with the model's tokenizer alone "
@@ -84,6 +87,8 @@ class EvalConfig:
             problems.append(f"match={self.match!r}: expected one of {', '.join(MATCH_MODES)}")
         if self.engine not in ("torch", "vllm", "auto"):
             problems.append(f"engine={self.engine!r}: expected torch | vllm | auto")
+        if self.guided_json and self.engine == "vllm":
+            problems.append("guided_json needs the torch engine (its forced tokens have no vLLM counterpart here)")
         for name in ("limit", "samples", "max_prompt_len"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be ≥ 0")
@@ -176,17 +181,19 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, device)
     model.eval()
-    engine = build_engine(cfg.engine, model, tokenizer, max_batch_tokens=cfg.max_batch_tokens)
+    engine = build_engine("torch" if cfg.guided_json else cfg.engine, model, tokenizer,
+                          max_batch_tokens=cfg.max_batch_tokens)
     results, md = {}, [f"# Evaluation of `{cfg.model}`\n",
                        f"format `{cfg.format}`, k_shot {cfg.k_shot}, split `{cfg.split or 'test'}`, limit {cfg.limit}, "
-                       f"match `{cfg.match}`, temperature {cfg.temperature}\n"]
+                       f"match `{cfg.match}`, temperature {cfg.temperature}"
+                       + (", --guided_json" if cfg.guided_json else "") + "\n"]
     for name in cfg.dataset:
         t0 = time.perf_counter()
         report, rows, sentences, fit = evaluate_dataset(
             engine, tokenizer, name, cfg.split, cfg.limit, cfg.format, cfg.k_shot, cfg.prompt_seed,
             cfg.max_new_tokens, cfg.data_dir, stop=stop, mode=cfg.match, batch_size=cfg.batch_size,
             temperature=cfg.temperature, fewshot_data=cfg.fewshot_data, label_map=cfg.label_map,
-            descriptions=shown[name], max_prompt_len=cfg.max_prompt_len or None)
+            descriptions=shown[name], max_prompt_len=cfg.max_prompt_len or None, guided_json=cfg.guided_json)
         seconds = time.perf_counter() - t0
         table = format_table(report)
         # report.per_type is keyed by the dataset's schema, in its order: the types the protocols score.

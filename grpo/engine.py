@@ -34,6 +34,7 @@ from transformers.cache_utils import DynamicCache
 
 from grpo.distributed import fsdp_unsharded
 from grpo.gqa_attention import gqa_attention
+from grpo.guide import Guide, GuidedRows
 from grpo.kv_cache import DecodeBatch, cache_select, new_cache, padded_positions, plain_full_attention
 from grpo.packed_linear import packed_linears
 from grpo.sampling import StopStrings, exponential_noise, row_generators, sample_next_tokens
@@ -46,11 +47,13 @@ class Rollout:
     logprobs: list[float]      # log softmax(logits / T) of each completion token, before top-p (T=1 when greedy)
     finish_reason: str         # "stop" (EOS or stop string) | "length"
     text: str                  # decoded completion, skip_special_tokens=True
+    overridden: int = 0        # tokens a guide forced where the row would have sampled another (grpo/guide.py)
 
 
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
-                 top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> list[Rollout]:
+                 top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None, *,
+                 guide: Guide | None = None) -> list[Rollout]:
         """Flat list of len(prompts) * n rollouts; prompt i's samples are [i*n : (i+1)*n]."""
         ...
 
@@ -202,10 +205,11 @@ class TorchEngine:
 
     def generate(self, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None, *,
-                 ignore_eos: bool = False) -> list[Rollout]:
+                 guide: Guide | None = None, ignore_eos: bool = False) -> list[Rollout]:
         """len(prompts) * n rollouts, prompt i's samples at [i*n : (i+1)*n].
 
-        seed None draws one from torch's global RNG. ignore_eos (for benchmarks) never stops on EOS.
+        seed None draws one from torch's global RNG. guide: forced tokens and stops per row (grpo/guide.py).
+        ignore_eos (for benchmarks) never stops on EOS.
         """
         _check_args(prompts, n, max_new_tokens, temperature, top_p, stop)
         if seed is None:
@@ -218,7 +222,8 @@ class TorchEngine:
         with fsdp_unsharded(self.model), _eval_mode(self.model), gqa_attention(self.model), \
                 torch.inference_mode(), packed_linears(self.model, self.pack_weights):
             rollouts = self._decode([prompts[p] for _, p in rows], [r for r, _ in rows], max_new_tokens,
-                                    temperature, top_p, stop_strings, seed, ignore_eos)
+                                    temperature, top_p, stop_strings, seed, ignore_eos,
+                                    [p for _, p in rows], guide)
         results: list[Rollout | None] = [None] * len(rows)
         for (row_id, _), rollout in zip(rows, rollouts):
             results[row_id] = rollout
@@ -284,10 +289,12 @@ class TorchEngine:
         return DecodeBatch(rows, cache, mask_buf, width, mask_buf.sum(-1), logits[fan])
 
     def _decode(self, prompts: list[list[int]], row_ids: list[int], max_new: int, temperature: float,
-                top_p: float, stop_strings: StopStrings, seed: int, ignore_eos: bool) -> list[Rollout]:
+                top_p: float, stop_strings: StopStrings, seed: int, ignore_eos: bool,
+                prompt_index: list[int] | None = None, guide: Guide | None = None) -> list[Rollout]:
         """One completion per entry of `prompts` (longest first, equal prompts adjacent); row_ids seed each row's
-        RNG. Rows enter the running batch in order: when it is empty, and with `continuous` also each time finished
-        rows are compacted out of it, so the batch stays full while rows wait.
+        RNG; `guide` is asked with each row's entry of `prompt_index`. Rows enter the running batch in order: when
+        it is empty, and with `continuous` also each time finished rows are compacted out of it, so the batch stays
+        full while rows wait.
 
         Memory policy: a KV buffer (allocated at a prefill or a join) holds rows x (width + max_new) <=
         max_batch_tokens, width being the wider of the running cache and the first waiting prompt (the widest,
@@ -299,6 +306,7 @@ class TorchEngine:
         completions: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
         finish: list[str | None] = [None] * len(prompts)
+        guided = GuidedRows(guide, prompt_index) if guide is not None else None
         generators: dict[int, torch.Generator] = {}
         batch: DecodeBatch | None = None
         queued, compacted = 0, False  # rows [queued:] are waiting
@@ -326,6 +334,8 @@ class TorchEngine:
             noise = exponential_noise([generators[r] for r in batch.rows], batch.logits.shape[-1],
                                       batch.logits.device) if temperature > 0 else None
             tokens, token_logprobs = sample_next_tokens(batch.logits, temperature, top_p, noise)
+            if guided is not None:
+                guided.force(batch.rows, batch.logits, tokens, token_logprobs, temperature)
             token_list, logprob_list = tokens.tolist(), token_logprobs.tolist()
             unfinished = []
             for b, r in enumerate(batch.rows):
@@ -340,6 +350,11 @@ class TorchEngine:
             if stop_strings and unfinished:
                 for r, hit in zip(unfinished, stop_strings.hits([completions[r] for r in unfinished])):
                     if hit:
+                        finish[r] = "stop"
+            if guided is not None:
+                for b, r in enumerate(batch.rows):
+                    if finish[r] is None and guided.after_token(  # None: this step's token was its own
+                            r, b, completions[r], logprobs[r], tokens, batch.logits, temperature):
                         finish[r] = "stop"
             for r in unfinished:
                 if finish[r] is None and len(completions[r]) == max_new:
@@ -360,4 +375,5 @@ class TorchEngine:
 
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         return [Rollout(prompt_ids=list(prompts[r]), completion_ids=completions[r], logprobs=logprobs[r],
-                        finish_reason=finish[r], text=texts[r]) for r in range(len(prompts))]
+                        finish_reason=finish[r], text=texts[r],
+                        overridden=guided.overridden[r] if guided else 0) for r in range(len(prompts))]

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from grpo.engine import Rollout, _check_args, default_eos_token_ids
+from grpo.guide import Guide
 
 GIB = 1 << 30
 _FINISH_REASONS = ("stop", "length")
@@ -198,11 +199,14 @@ class VLLMEngine:
     # ------------------------------------------------------------------------------------------ sampling
     def generate(self, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None, *,
-                 ignore_eos: bool = False) -> list[Rollout]:
+                 guide: Guide | None = None, ignore_eos: bool = False) -> list[Rollout]:
         """Sample ``n`` completions per prompt. Returns ``len(prompts) * n`` rollouts, prompt-major (the n
         samples of prompt 0 first). ``temperature == 0`` is greedy decoding; its log-probs are then those of
         the untempered distribution. See the module docstring for log-probs when ``top_p < 1``.
-        ``ignore_eos`` (benchmarks) never stops on EOS."""
+        ``guide`` (grpo/guide.py) is TorchEngine's alone: vLLM's equivalent is its structured
+        output, which needs a grammar, not a callable. ``ignore_eos`` (benchmarks) never stops on EOS."""
+        if guide is not None:
+            raise NotImplementedError("VLLMEngine cannot follow a guide (forced tokens); use the torch engine")
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

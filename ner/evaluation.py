@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple
 from tqdm import tqdm
 
 from grpo.distributed import all_gather_objects, get_rank, get_world_size
+from ner.json_guide import JsonAnswerGuide
 from ner.metrics import NERReport, score_corpus
 from ner.parsing import Parsed, parse_completion
 from ner.prompts import build_prompts, render_prompt
@@ -30,17 +31,21 @@ def prompt_token_ids(tokenizer, records: list[dict]) -> list[list[int]]:
 
 class Answer(NamedTuple):
     """One generated answer: its text, why it ended ("stop": EOS or a stop string; "length": cut by
-    max_new_tokens) and how many tokens it took (the EOS or stop-string tokens included)."""
+    max_new_tokens), how many tokens it took (the EOS or stop-string tokens included) and how many of them a guide
+    forced over the model's own pick (``Rollout.overridden``)."""
     text: str
     finish_reason: str
     completion_tokens: int
+    overridden: int = 0
 
 
 def generate_answers(engine, tokenizer, records: list[dict], max_new_tokens: int, temperature: float = 0.0,
                      top_p: float = 1.0, stop: list[str] | None = None, seed: int = 0, batch_size: int = 32,
-                     progress: bool = True, split_over_ranks: bool = False) -> list[Answer]:
+                     progress: bool = True, split_over_ranks: bool = False,
+                     guide: Callable | None = None) -> list[Answer]:
     """One ``Answer`` per record, in record order, ``batch_size`` prompts per engine call.
 
+    ``guide(record index, completion ids)``: the engine's ``guide`` (grpo.engine.Guide), by record.
     Records go to the engine longest prompt first. ``split_over_ranks`` (the trainer's dev evaluation under
     torchrun): rank r generates every W-th record of that order, starting at r, and the answers are gathered,
     so every rank returns all of them. Every rank makes the same number of engine calls (some with no prompts):
@@ -58,12 +63,14 @@ def generate_answers(engine, tokenizer, records: list[dict], max_new_tokens: int
     with tqdm(total=len(mine), desc="generate", unit="prompt", disable=not progress or rank != 0) as bar:
         for c in range(calls):
             part = mine[c * batch_size:(c + 1) * batch_size]
+            # guide goes only to engines asked to use it: a minimal engine need not know the argument.
+            extra = {} if guide is None else {"guide": lambda i, ids, part=part: guide(part[i], ids)}
             rollouts = engine.generate([prompt_ids[i] for i in part], n=1, max_new_tokens=max_new_tokens,
                                        temperature=temperature, top_p=top_p, stop=stop,
-                                       seed=seed + c * batch_size * world + rank)
-            answers.extend(Answer(r.text, r.finish_reason, len(r.completion_ids)) for r in rollouts)
+                                       seed=seed + c * batch_size * world + rank, **extra)
+            answers.extend(Answer(r.text, r.finish_reason, len(r.completion_ids), r.overridden) for r in rollouts)
             bar.update(len(rollouts))
-    out: list[Answer] = [Answer("", "", 0)] * len(records)
+    out: list[Answer] = [Answer("", "", 0, 0)] * len(records)
     for indices, part_answers in (all_gather_objects((mine, answers)) if world > 1 else [(mine, answers)]):
         for i, answer in zip(indices, part_answers):
             out[i] = answer
@@ -187,21 +194,26 @@ def evaluate_dataset(engine, tokenizer, dataset: str, split: str, limit: int, fm
                      stop: list[str] | None = None, mode: str = "exact", batch_size: int = 32,
                      temperature: float = 0.0, progress: bool = True, fewshot_data: str = "",
                      label_map: dict[str, str] | None = None, descriptions: dict[str, str] | None = None,
-                     max_prompt_len: int | None = None, split_over_ranks: bool = False
+                     max_prompt_len: int | None = None, split_over_ranks: bool = False, guided_json: bool = False
                      ) -> tuple[NERReport, list[dict], list[dict], dict]:
     """Generate on the first ``limit`` sentences and score: ``score_sentences``'s report, rows, sentences, and
     ``generation_fit``'s dict. ``descriptions``: see ``build_eval_records``. ``max_prompt_len``: sentences with a
-    longer prompt are left out (``drop_long_sentences``); ``split_over_ranks``: see ``generate_answers``."""
+    longer prompt are left out (``drop_long_sentences``); ``split_over_ranks``: see ``generate_answers``.
+    ``guided_json`` (json format): the answers' keys and closing braces are forced in the asked order
+    (ner.json_guide); the fit dict then counts the answers that changed as ``guided_answers``."""
     data, records = build_eval_records(dataset, split, limit, fmt, k_shot, prompt_seed, data_dir, fewshot_data,
                                        label_map, descriptions)
     # Tokenised once here: the length cut, the fit report and the engine all read these ids.
     records = [{**r, "prompt_ids": ids} for r, ids in zip(records, prompt_token_ids(tokenizer, records))]
     prompt_lengths = [len(r["prompt_ids"]) for r in records]
     records, n_dropped = drop_long_sentences(tokenizer, records, max_prompt_len)
+    guide = JsonAnswerGuide(tokenizer, [r["types"] for r in records]) if guided_json and fmt == "json" else None
     answers = generate_answers(engine, tokenizer, records, max_new_tokens, temperature=temperature,
                                stop=stop if stop is not None else STOP[fmt], batch_size=batch_size,
-                               progress=progress, split_over_ranks=split_over_ranks)
+                               progress=progress, split_over_ranks=split_over_ranks, guide=guide)
     fit = generation_fit(prompt_lengths, answers, len(data.sentences), n_dropped, max_new_tokens, max_prompt_len)
+    if guide is not None:
+        fit["guided_answers"] = sum(answer.overridden > 0 for answer in answers)
     return (*score_sentences(records, [answer.text for answer in answers], data.types, mode), fit)
 
 

@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from grpo.engine import Rollout, TorchEngine, prefix_groups, rows_that_fit  # noqa: E402
+from grpo.guide import Steer  # noqa: E402
 from grpo.kv_cache import padded_positions  # noqa: E402
 from grpo.models import tiny_llama  # noqa: E402
 from grpo.sampling import exponential_noise, row_generators, sample_next_tokens  # noqa: E402
@@ -289,6 +290,50 @@ def test_eos_stops_rows_and_compaction_keeps_the_rest_exact(tiny):
     assert any(len(r.completion_ids) > len(rollouts[0].completion_ids) for r in rollouts[1:])
     ignored = engine.generate(prompts, max_new_tokens=12, temperature=0, ignore_eos=True)
     assert [r.completion_ids for r in ignored] == [g.completion_ids for g in base]
+
+
+def test_guide_forces_tokens_then_sampling_resumes_as_from_the_longer_prompt(tiny):
+    model, tok, prompts = tiny
+    base = TorchEngine(model, tok, eos_token_ids=[]).generate(prompts, max_new_tokens=12, temperature=0)
+    forced = [5, 6, 7]
+    calls = []
+
+    def guide(prompt_index: int, ids: list[int]):
+        calls.append((prompt_index, len(ids)))
+        if prompt_index == 0 and len(ids) == 3:
+            return Steer(forced, stop=False)       # then go on sampling
+        if prompt_index == 2 and len(ids) == 2:
+            return Steer(forced[:2], stop=True, replace=True)  # in place of the newest token, then stop
+        if prompt_index == 1 and len(ids) == 5:
+            return Steer(stop=True)                # stop right here
+        return None
+
+    engine = TorchEngine(model, tok, eos_token_ids=[], continuous=True)
+    guided = engine.generate(prompts, max_new_tokens=12, temperature=0, guide=guide)
+    # Row 0: 3 own tokens, the forced 3, then greedy from prompt + those 6, i.e. what a second call continues.
+    head = base[0].completion_ids[:3] + forced
+    resumed = TorchEngine(model, tok, eos_token_ids=[]).generate([prompts[0] + head], max_new_tokens=6,
+                                                                   temperature=0)[0]
+    assert guided[0].completion_ids == head + resumed.completion_ids and guided[0].finish_reason == "length"
+    assert guided[2].completion_ids == base[2].completion_ids[:1] + forced[:2] and guided[2].finish_reason == "stop"
+    assert guided[1].completion_ids == base[1].completion_ids[:5] and guided[1].finish_reason == "stop"
+    # Forced tokens carry the model's own log-probs; `overridden` counts those unlike the greedy pick they replaced.
+    for r in guided:
+        assert (torch.tensor(r.logprobs) - teacher_forced_logprobs(model, r, 1.0)).abs().max().item() < 1e-4
+    picks = [base[0].completion_ids[3]] + resumed_picks(model, prompts[0], head)[:2]
+    assert guided[0].overridden == sum(p != f for p, f in zip(picks, forced))
+    assert guided[1].overridden == 0
+    assert guided[2].overridden == (base[2].completion_ids[1] != forced[0]) + (resumed_picks(
+        model, prompts[2], base[2].completion_ids[:1] + forced[:1], at=1)[0] != forced[1])
+    # The guide is not asked while a row's forced tokens are being fed.
+    assert not [n for p, n in calls if p == 0 and 4 <= n <= 5]
+
+
+def resumed_picks(model, prompt: list[int], head: list[int], at: int = 3) -> list[int]:
+    """The greedy tokens after completion positions at, at + 1, … of head (teacher forcing on prompt + head)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + head])).logits[0]
+    return [int(logits[len(prompt) + j].argmax()) for j in range(at, len(head))]
 
 
 def test_model_modes_and_requires_grad_are_untouched(tiny):
