@@ -36,6 +36,9 @@ class PredictConfig:
     k_shot: int = _f(-1, "few-shot examples per prompt (-1: the recipe's, else 0)")
     max_new_tokens: int = _f(0, "generation budget per answer (0: the recipe's, else 256)")
     engine: str = _f("auto", "torch | vllm | auto (vllm on a CUDA machine with vLLM installed, else torch)")
+    guided_json: bool = _f(False, "json format, torch engine: write each answer's keys (every type, in order) and "
+                                  "closing braces for the model (ner/json_guide.py), so a small model asked types it "
+                                  "never trained on cannot loop on keys instead of closing its answer")
     batch_size: int = _f(16, "prompts per engine call")
     max_batch_tokens: int = _f(65536, "torch engine memory bound")
     dtype: str = _f("float32", "model dtype")
@@ -60,6 +63,8 @@ class PredictConfig:
             raise ConfigError(f"--output {self.output} exists; pass --overwrite to replace it")
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.guided_json and self.engine == "vllm":
+            raise ConfigError("--guided_json needs the torch engine (its forced tokens have no vLLM counterpart here)")
 
 
 def split_sentence_argument(argv: list[str]) -> list[str]:
@@ -112,10 +117,10 @@ def run(cfg: PredictConfig, recipe: dict, inputs: list[dict]) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, device)
     model.eval()
-    engine = build_engine(cfg.engine, model, tokenizer, max_batch_tokens=cfg.max_batch_tokens,
+    engine = build_engine("torch" if cfg.guided_json else cfg.engine, model, tokenizer, max_batch_tokens=cfg.max_batch_tokens,
                           max_model_len=getattr(model.config, "max_position_embeddings", 2048))
     rows = predict_sentences(engine, tokenizer, recipe, inputs, cfg.batch_size, cfg.occurrences,
-                             cfg.show_reasoning, progress=bool(cfg.output))
+                             cfg.show_reasoning, progress=bool(cfg.output), guided_json=cfg.guided_json)
     write = write_bio if cfg.format == "bio" else write_jsonl
     if cfg.output:
         tmp = Path(cfg.output).with_name(Path(cfg.output).name + ".partial")

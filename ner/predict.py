@@ -111,16 +111,22 @@ def _fewshot_pool(source: str, data_dir: str | None, k_shot: int):
 
 
 def predict_sentences(engine, tokenizer, recipe: dict, inputs: list[dict], batch_size: int = 16,
-                      occurrences: str = "first", show_reasoning: bool = False, progress: bool = True) -> list[dict]:
+                      occurrences: str = "first", show_reasoning: bool = False, progress: bool = True,
+                      guided_json: bool = False) -> list[dict]:
     """One output row per input: ``text`` (and ``id``/``line`` when given), ``entities`` (text, type, start, end:
-    character offsets into ``text``), ``ungrounded``, ``format_ok``, ``errors``, and ``reasoning`` on request."""
+    character offsets into ``text``), ``ungrounded``, ``format_ok``, ``errors``, and ``reasoning`` on request.
+    ``guided_json``: json answers are written with ner.json_guide's keys and closing braces (a torch engine)."""
     from ner.evaluation import generate_completions
+    from ner.json_guide import JsonAnswerGuide
     from ner.parsing import parse_completion
 
     tokens = [tokenize(row["text"]) for row in inputs]
     records = recipe_records(recipe, [[t.text for t in toks] for toks in tokens])
+    guide = (JsonAnswerGuide(tokenizer, [r["types"] for r in records])
+             if guided_json and recipe["format"] == "json" else None)
     completions = generate_completions(engine, tokenizer, records, recipe["max_new_tokens"],
-                                       stop=recipe["stop"] or None, batch_size=batch_size, progress=progress)
+                                       stop=recipe["stop"] or None, batch_size=batch_size, progress=progress,
+                                       guide=guide)
     per_sentence = len(records) // max(len(inputs), 1)  # build_prompts keeps sentence order, a fixed count each
     out = []
     for i, row in enumerate(inputs):

@@ -5,7 +5,8 @@
 #   mix         that CoNLL-tuned model tuned one more epoch on CoNLL + the other four CrossNER domains' train splits
 #               (configs/sft_smollm2_mix.yaml), then GRPO on the same mix (configs/grpo_smollm2_mix.yaml)
 #   then        all four models on the same first TEST_LIMIT test sentences of the held-out domain, asked its types
-#               by its own definitions, and paired-bootstrap comparisons (outputs/lodo/compare_<pair>_<domain>/)
+#               by its own definitions, and paired-bootstrap comparisons (outputs/lodo/compare_<pair>_<domain>/);
+#               MODES="plain guided" (default) also scores them with guided JSON answers (outputs/lodo/guided/)
 # Every stage resumes (--resume auto) and an evaluation already written is kept, so re-running continues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,15 +30,22 @@ python train_sft.py --config configs/sft_smollm2_mix.yaml --dataset "$MIX" --out
     --data "runs/cot/mix_no_${HELD}_train_json.jsonl";                                      stage "CoT data + mix SFT"
 python train_grpo.py --config configs/grpo_smollm2_mix.yaml --model "$SFT" --dataset "$MIX" --out_dir "$GRPO" \
     --resume auto;                                                                           stage "mix GRPO"
-for pair in conll_sft:runs/sft_smollm2_conll conll_grpo:runs/grpo_smollm2_conll mix_sft:$SFT mix_grpo:$GRPO; do
-    name=${pair%%:*}
-    if [[ ! -f "$OUT/${name}_$HELD/report.json" ]]; then
-        python evaluate.py --model "${pair#*:}" "${EVAL[@]}" --out_dir "$OUT/${name}_$HELD";    stage "evaluate $name"
-    fi
+# plain: the models' own answers (the strict score); guided: the same with --guided_json (ner/json_guide.py: each
+# answer's keys and closing braces written for the model), into outputs/lodo/guided/.
+for mode in ${MODES:-plain guided}; do
+    dir=$OUT; extra=()
+    if [[ $mode == guided ]]; then dir=$OUT/guided; extra=(--guided_json true); fi
+    for pair in conll_sft:runs/sft_smollm2_conll conll_grpo:runs/grpo_smollm2_conll mix_sft:$SFT mix_grpo:$GRPO; do
+        name=${pair%%:*}
+        if [[ ! -f "$dir/${name}_$HELD/report.json" ]]; then
+            python evaluate.py --model "${pair#*:}" "${EVAL[@]}" "${extra[@]}" --out_dir "$dir/${name}_$HELD"
+            stage "evaluate $name ($mode)"
+        fi
+    done
+    for pair in conll_sft:mix_sft conll_grpo:mix_grpo mix_sft:mix_grpo conll_sft:conll_grpo; do
+        a=${pair%%:*}; b=${pair#*:}
+        python evaluate.py --compare "$dir/${a}_$HELD/report.json" "$dir/${b}_$HELD/report.json" --bootstrap 1000 \
+            --out_dir "$dir/compare_${a}_${b}_$HELD"
+    done
 done
-for pair in conll_sft:mix_sft conll_grpo:mix_grpo mix_sft:mix_grpo; do
-    a=${pair%%:*}; b=${pair#*:}
-    python evaluate.py --compare "$OUT/${a}_$HELD/report.json" "$OUT/${b}_$HELD/report.json" --bootstrap 1000 \
-        --out_dir "$OUT/compare_${a}_${b}_$HELD"
-done
-echo "reports: $OUT/*_$HELD/report.md, comparisons: $OUT/compare_*_$HELD/compare.md"
+echo "reports: $OUT/{,guided/}*_$HELD/report.md, comparisons: $OUT/{,guided/}compare_*_$HELD/compare.md"

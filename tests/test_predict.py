@@ -250,6 +250,10 @@ def test_predict_bio_and_all_occurrences_in_process(tiny_run, capsys):
     lines = capsys.readouterr().out.split("\n")
     assert lines == ["Ann\tB-person", "met\tO", "Bob\tB-person", ",\tO", "then\tO", "Ann\tB-person", "flew\tO",
                      "to\tO", "St\tB-location", ".\tI-location", "Louis\tI-location", ".\tO", "", ""]
+    # --guided_json guides json answers only: this checkpoint's recipe is tagged, so nothing changes.
+    predict.main(["--model", str(root / "run"), RAW, "--occurrences", "all", "--format", "bio",
+                  "--max_new_tokens", "60", "--guided_json", "true"])
+    assert capsys.readouterr().out.split("\n") == lines
 
 
 @pytest.mark.slow
