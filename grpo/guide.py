@@ -42,7 +42,7 @@ class GuidedRows:
     def force(self, rows: list[int], logits: torch.Tensor, tokens: torch.Tensor, token_logprobs: torch.Tensor,
               temperature: float) -> None:
         """Put each forcing row's next forced token in place of its sample (in `tokens`, in place), with the model's
-        log-prob of it computed from the unmasked (R, V) `logits`, and count those that differ from the sample."""
+        log-prob of it from the (R, V) `logits`, and count those that differ from the sample."""
         where = [b for b, r in enumerate(rows) if self.forcing.get(r, ([], False))[0]]
         if not where:
             return

@@ -45,7 +45,7 @@ def generate_answers(engine, tokenizer, records: list[dict], max_new_tokens: int
                      guide: Callable | None = None) -> list[Answer]:
     """One ``Answer`` per record, in record order, ``batch_size`` prompts per engine call.
 
-    ``guide(record index, completion ids)``: the engine's ``guide`` (grpo.engine.Guide), by record.
+    ``guide(record index, completion ids)``: the engine's ``guide`` (grpo.guide.Guide), by record.
     Records go to the engine longest prompt first. ``split_over_ranks`` (the trainer's dev evaluation under
     torchrun): rank r generates every W-th record of that order, starting at r, and the answers are gathered,
     so every rank returns all of them. Every rank makes the same number of engine calls (some with no prompts):
