@@ -70,8 +70,9 @@ def main() -> None:
     args = common.side_args()
     torch.set_num_threads(common.THREADS)
     torch.manual_seed(0)
-    cfg = GRPOConfig(prompts_per_step=len(common.PROMPTS), group_size=common.G, max_completion_len=args.new,
-                     micro_batch_size=len(common.PROMPTS) * common.G, mu=1, beta=common.BETA, lr=common.LR,
+    chats, group = common.step_prompts(args)
+    cfg = GRPOConfig(prompts_per_step=len(chats), group_size=group, max_completion_len=args.new,
+                     micro_batch_size=len(chats) * group, max_prompt_len=2048, mu=1, beta=common.BETA, lr=common.LR,
                      warmup_ratio=0.0, lr_scheduler="constant", reward_weights={"bench": 1.0})
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:  # "cuda" alone: set_device needs an index
@@ -85,7 +86,7 @@ def main() -> None:
     if args.dtype != "float32":  # as train_grpo.py: fp32 masters, FSDP2 computes in dtype (one-rank group)
         policy = shard_trainable(policy, info, parse_dtype(args.dtype))
     engine = TorchEngine(policy, tok)
-    prompt_ids, prompts, _ = tokenize_prompts(tok, [{"messages": m} for m in common.PROMPTS], cfg.max_prompt_len)
+    prompt_ids, prompts, _ = tokenize_prompts(tok, [{"messages": m} for m in chats], cfg.max_prompt_len)
     result: dict = {"framework": "project", "params": sum(p.numel() for p in policy.parameters())}
     if args.loss_batch:
         batch = make_loss_batch(policy, tok, prompt_ids, engine, cfg)

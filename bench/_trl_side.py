@@ -59,17 +59,18 @@ def trl_loss_on(trainer: GRPOTrainer, batch: dict) -> float:
 def main() -> None:
     args = common.side_args()
     torch.set_num_threads(common.THREADS)
-    n_rows = len(common.PROMPTS) * common.G
+    chats, group = common.step_prompts(args)
+    n_rows = len(chats) * group
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=n_rows, gradient_accumulation_steps=1,
-                         num_generations=common.G, max_completion_length=args.new, num_iterations=1,
+                         num_generations=group, max_completion_length=args.new, num_iterations=1,
                          beta=common.BETA, loss_type="grpo", scale_rewards="group", epsilon=0.2,
                          learning_rate=common.LR, lr_scheduler_type="constant", warmup_steps=0,
                          temperature=1.0, top_p=1.0, generation_kwargs={"min_new_tokens": args.new},
                          max_steps=args.steps, logging_steps=1, save_strategy="no", report_to="none",
                          use_cpu=True, bf16=False, fp16=False, seed=0, dataloader_num_workers=0,
                          model_init_kwargs={"dtype": torch.float32}, disable_tqdm=True)
-        dataset = Dataset.from_list([{"prompt": m} for m in common.PROMPTS])
+        dataset = Dataset.from_list([{"prompt": m} for m in chats])
         timer = StepTimer()
         trainer = GRPOTrainer(model=str(embedded_model_dir()), reward_funcs=bench_reward, args=cfg,
                               train_dataset=dataset, callbacks=[timer])

@@ -108,7 +108,31 @@ def side_args() -> argparse.Namespace:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--prompts", default="", help="JSON file {prompts: [chat messages], group_size}: --shape ner")
     return ap.parse_args()
+
+
+def step_prompts(args: argparse.Namespace) -> tuple[list[list[dict]], int]:
+    """(the step's chat prompts, G) for a side: the --prompts file's, else the short chat prompts and G."""
+    if not args.prompts:
+        return PROMPTS, G
+    spec = json.loads(Path(args.prompts).read_text())
+    return spec["prompts"], spec["group_size"]
+
+
+def ner_prompts(n: int) -> list[list[dict]]:
+    """The first n GRPO prompts of the main job's preset (configs/grpo_smollm2_conll.yaml: CoNLL-2003 train
+    sentences past the SFT stage's, all-types JSON with type descriptions, zero-shot), as chat messages."""
+    sys.path.insert(0, str(BENCH_DIR.parent))
+    from grpo.config import parse_config
+    from grpo.models import load_model_and_tokenizer
+    from train_grpo import NERGRPOConfig, build_train_prompts
+
+    cfg = parse_config(NERGRPOConfig, ["--config", str(BENCH_DIR.parent / "configs/grpo_smollm2_conll.yaml"),
+                                       "--limit", str(n)])
+    _, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct", "float32", "cpu")
+    records, _ = build_train_prompts(cfg, tokenizer)
+    return [r["messages"] for r in records[:n]]
 
 
 def vmhwm_mib() -> float:
@@ -140,11 +164,11 @@ def matmul_peak_flops(n: int = 2048, reps: int = 5, device: str = "cpu", dtype: 
 
 
 def run_side(framework: str, steps: int, new: int, loss_batch: str, device: str = "cpu", dtype: str = "float32",
-             model: str = "smollm2-135m-instruct") -> dict:
+             model: str = "smollm2-135m-instruct", prompts: str = "") -> dict:
     python = sys.executable if framework == "project" else str(TRL_PYTHON)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [python, str(BENCH_DIR / f"_{framework}_side.py"), "--steps", str(steps), "--new", str(new),
-               "--out", out.name, "--device", device, "--dtype", dtype, "--model", model]
+               "--out", out.name, "--device", device, "--dtype", dtype, "--model", model, "--prompts", prompts]
         if loss_batch:
             cmd += ["--loss_batch", loss_batch]
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
@@ -168,6 +192,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--dtype", default="float32", help="compute dtype (float32 | bfloat16)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="a model folder or the embedded default")
+    ap.add_argument("--shape", default="chat", choices=("chat", "ner"),
+                    help="chat: 4 short chat prompts x G 4 (the default); ner: the main job's GRPO shape, "
+                         "2 of its all-types JSON prompts x G 8 (use with --new 96)")
     args = ap.parse_args()
     frameworks = ("project", "trl")
     if not TRL_PYTHON.exists():
@@ -180,18 +207,21 @@ def main() -> None:
     load_before = uptime()
     peak = matmul_peak_flops(device=args.device, dtype=args.dtype)
     runs: dict[str, list[dict]] = {fw: [] for fw in frameworks}
+    prompts, group = (ner_prompts(2), 8) if args.shape == "ner" else (PROMPTS, G)
     with tempfile.TemporaryDirectory() as tmp:
         loss_batch = str(Path(tmp) / "batch.pt")
+        prompt_file = Path(tmp) / "prompts.json"
+        prompt_file.write_text(json.dumps({"prompts": prompts, "group_size": group}))
         for r in range(args.rounds):
             for fw in frameworks:  # project first: it writes the fixed loss batch TRL reads in round 0
                 res = run_side(fw, args.steps, args.new, loss_batch if r == 0 else "", args.device, args.dtype,
-                               args.model)
+                               args.model, str(prompt_file))
                 runs[fw].append(res)
                 print(f"round {r} {fw}: step walls {[round(s['wall_s'], 2) for s in res['steps']]} "
                       f"VmHWM {res['vmhwm_mib']:.0f} MiB, process {res['process_s']:.0f} s", file=sys.stderr)
     peak = max(peak, matmul_peak_flops(device=args.device, dtype=args.dtype))
     load_after = uptime()
-    n_rows = len(PROMPTS) * G
+    n_rows = len(prompts) * group
     prompt_tokens = runs["project"][0]["steps"][0]["prompt_tokens"]
     params = runs["project"][0]["params"]
     # Model FLOPs of one step, the same figure for both frameworks: generation 2·P·T (prefill + decode, prompt
@@ -210,7 +240,8 @@ def main() -> None:
     from machine import cpu_flags  # bench/machine.py; imported here: the TRL side imports this module too
     print(f"\nmachine: {cpu_flags()}")
     print(f"load before: {load_before}\nload after:  {load_after}")
-    print(f"{len(PROMPTS)} prompts × G={G} × {args.new} new tokens, μ=1, β={BETA}, {args.dtype}, {args.device}, "
+    print(f"shape {args.shape}: {len(prompts)} prompts × G={group} × {args.new} new tokens, μ=1, β={BETA}, "
+          f"{args.dtype}, {args.device}, "
           f"{THREADS} threads; params {params / 1e6:.1f} M, prompt+completion tokens/step {tokens}; "
           f"matmul peak {peak / 1e9:.0f} GFLOP/s\n")
     print("| framework | s/step (median) | completion tok/s | model GFLOP/s (10·params·tokens) | % matmul peak "
