@@ -5,7 +5,7 @@ asked type or the closing ``}}``, repeat a key (``"politicalparty": [], "politic
 max_new_tokens cuts it; the strict parser, like ReasoningNER's evaluation, then scores every entity of that
 sentence as missed. A schema-guided decoder (vLLM's structured outputs, Outlines) would not let it: with every asked
 type a required key, in order, the only text allowed after a list is the next key or, after the last one, the
-closing braces. This module is that grammar's fixed part, as a TorchEngine ``guide`` (grpo/engine.py ``Guide``):
+closing braces. This module is that grammar's fixed part, as a TorchEngine ``guide`` (grpo/guide.py):
 
   * each time the model closes a list of the answer, ``next_fixed_text`` gives what must follow it: the first asked
     type it has not answered yet (``, "politician":``) or, when none is left, the closing braces;
@@ -14,9 +14,9 @@ closing braces. This module is that grammar's fixed part, as a TorchEngine ``gui
     fixed text. The model still writes the think block, the opening of the object and every list's contents: its
     entity choices.
 
-A model that writes every asked type in order and closes the object gets exactly its own tokens (the forced ones
-are those it would have written); the engine counts, per answer, the forced tokens it would not have
-(``Rollout.overridden``), and evaluate.py reports how many answers that changed.
+A model that writes every asked type in order and closes the object gets its own text back (the forced text is what
+it would have written, though possibly split into other tokens); the engine counts, per answer, the forced tokens it
+would not have picked (``Rollout.overridden``), and evaluate.py reports how many answers that changed.
 """
 from __future__ import annotations
 
