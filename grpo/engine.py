@@ -353,7 +353,7 @@ class TorchEngine:
                         finish[r] = "stop"
             if guided is not None:
                 for b, r in enumerate(batch.rows):
-                    if finish[r] is None and guided.after_token(  # None: this step's token was its own
+                    if finish[r] is None and guided.after_token(  # rows that just stopped are not guided
                             r, b, completions[r], logprobs[r], tokens, batch.logits, temperature):
                         finish[r] = "stop"
             for r in unfinished:
