@@ -117,7 +117,8 @@ def run(cfg: PredictConfig, recipe: dict, inputs: list[dict]) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, device)
     model.eval()
-    engine = build_engine("torch" if cfg.guided_json else cfg.engine, model, tokenizer, max_batch_tokens=cfg.max_batch_tokens,
+    engine = build_engine("torch" if cfg.guided_json else cfg.engine, model, tokenizer,
+                          max_batch_tokens=cfg.max_batch_tokens,
                           max_model_len=getattr(model.config, "max_position_embeddings", 2048))
     rows = predict_sentences(engine, tokenizer, recipe, inputs, cfg.batch_size, cfg.occurrences,
                              cfg.show_reasoning, progress=bool(cfg.output), guided_json=cfg.guided_json)

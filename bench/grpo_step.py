@@ -137,13 +137,12 @@ def ner_prompts(n: int) -> list[list[dict]]:
     sentences past the SFT stage's, all-types JSON with type descriptions, zero-shot), as chat messages."""
     sys.path.insert(0, str(BENCH_DIR.parent))
     from grpo.config import parse_config
-    from grpo.models import load_model_and_tokenizer
+    from grpo.models import load_tokenizer
     from train_grpo import NERGRPOConfig, build_train_prompts
 
     cfg = parse_config(NERGRPOConfig, ["--config", str(BENCH_DIR.parent / "configs/grpo_smollm2_conll.yaml"),
                                        "--limit", str(n)])
-    _, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct", "float32", "cpu")
-    records, _ = build_train_prompts(cfg, tokenizer)
+    records, _ = build_train_prompts(cfg, load_tokenizer("smollm2-135m-instruct"))
     return [r["messages"] for r in records[:n]]
 
 

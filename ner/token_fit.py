@@ -72,14 +72,14 @@ def format_tokenizer_fit(fits: dict[str, dict]) -> str:
 def format_generation_fit(fits: dict[str, dict]) -> str:
     """Markdown: one row per data set of ``ner.evaluation.generation_fit``'s output (and, when any data set was
     run with --guided_json, how many of its answers the guide changed)."""
-    closing = any("guided_answers" in f for f in fits.values())
+    guided = any("guided_answers" in f for f in fits.values())
     lines = ["| dataset | answers | cut by max_new_tokens | answer tokens mean / max | sentences dropped "
-             "(prompt > max_prompt_len) | prompt tokens mean / max |" + (" changed by --guided_json |" if closing else ""),
-             "|---|---:|---:|---:|---:|---:|" + ("---:|" if closing else "")]
+             "(prompt > max_prompt_len) | prompt tokens mean / max |" + (" changed by --guided_json |" if guided else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if guided else "")]
     for name, f in fits.items():
         dropped = (f"{f['dropped_long']} ({100 * f['dropped_share']:.1f}%, > {f['max_prompt_len']})"
                    if f["max_prompt_len"] else "— (no --max_prompt_len)")
         lines.append(f"| {name} | {f['answers']} | {f['truncated']} ({100 * f['truncated_share']:.1f}%, budget "
                      f"{f['max_new_tokens']}) | {_stats(f['answer_tokens'])} | {dropped} | "
-                     f"{_stats(f['prompt_tokens'])} |" + (f" {f.get('guided_answers', '—')} |" if closing else ""))
+                     f"{_stats(f['prompt_tokens'])} |" + (f" {f.get('guided_answers', '—')} |" if guided else ""))
     return "\n".join(lines)
