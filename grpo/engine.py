@@ -35,7 +35,8 @@ from transformers.cache_utils import DynamicCache
 from grpo.distributed import fsdp_unsharded
 from grpo.gqa_attention import gqa_attention
 from grpo.guide import Guide, GuidedRows
-from grpo.kv_cache import DecodeBatch, cache_select, new_cache, padded_positions, plain_full_attention
+from grpo.kv_cache import (DecodeBatch, cache_copy_rows, cache_select, cache_stack, new_cache, padded_positions,
+                            plain_full_attention)
 from grpo.packed_linear import packed_linears
 from grpo.sampling import StopStrings, exponential_noise, row_generators, sample_next_tokens
 
@@ -131,6 +132,26 @@ def prefix_groups(prompts: list[list[int]], min_saved: int = 8) -> list[tuple[in
     return out
 
 
+def length_buckets(lengths: list[int], overhead: int = 64) -> list[range]:
+    """Split positions 0..n-1 into contiguous runs, each fed to the model as one left-padded batch, minimising
+    padded tokens plus `overhead` per run (a forward streams every weight once, about what 64 prefill tokens cost
+    on CPU): sum over runs of len(run) * max(lengths[run]) + overhead. Exact, by dynamic programming, O(n^2).
+    (The engine feeds prompts longest first, so contiguous runs lose nothing against any grouping.)"""
+    best, start = [0] + [float("inf")] * len(lengths), [0] * (len(lengths) + 1)
+    for end in range(1, len(lengths) + 1):
+        longest = 0
+        for first in range(end - 1, -1, -1):
+            longest = max(longest, lengths[first])
+            cost = best[first] + overhead + (end - first) * longest
+            if cost < best[end]:
+                best[end], start[end] = cost, first
+    runs, end = [], len(lengths)
+    while end:
+        runs.append(range(start[end], end))
+        end = start[end]
+    return runs[::-1]
+
+
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (B, L) int64, attention_mask (B, L) int64) on ``device``, with every sequence right-aligned."""
@@ -164,7 +185,8 @@ class TorchEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_batch_tokens: int = 32768,
                  eos_token_ids: list[int] | None = None, compact_fraction: float = 0.125, pack_weights: bool = True,
-                 share_prefixes: bool = True, continuous: bool = True, join_fraction: float = 0.25):
+                 share_prefixes: bool = True, continuous: bool = True, join_fraction: float = 0.25,
+                 prefill_run_overhead: int = 64):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
         self.model = model
@@ -188,6 +210,9 @@ class TorchEngine:
         # A join costs a prefill (which re-runs the shared prompt prefix) and a cache copy, so waiting rows join only
         # in groups of at least this fraction of the batch they make (or all that still wait).
         self.join_fraction = join_fraction
+        # Prefill runs prompts (or their suffixes) of similar length together; a run costs this many padded tokens
+        # more (see length_buckets).
+        self.prefill_run_overhead = prefill_run_overhead
         # What the last generate call did: prefill passes, joins into a running batch, decode steps (and their rows
         # summed), peak rows.
         self.stats: dict[str, int] = {}
@@ -240,35 +265,55 @@ class TorchEngine:
         """Feed distinct prompts: (last-position logits (U, V), their KV cache, attention mask (U, width)).
 
         Prompts that start alike (`prefix_groups`: a shared system prompt, instructions, few-shot examples) have
-        that prefix run once per group, fanned out, and only their own suffixes run on top, as vLLM's prefix
-        caching would. Row layout: [pad | group prefix | pad | own suffix]; position ids count real tokens only, so
-        the holes change nothing but the work done. (The KV cache is then up to the longest prefix + longest suffix
-        wide, at most twice the chunk's planned prompt width.)
+        that prefix run once per group, and only their own suffixes run on top, as vLLM's prefix caching would.
+        Row layout: [pad | group prefix | pad | own suffix]; position ids count real tokens only, so the holes change
+        nothing but the work done. (The KV cache is then up to the longest prefix + longest suffix wide, at most
+        twice the chunk's planned prompt width.) The suffixes (whole prompts when nothing is shared) run in runs of
+        similar length (`length_buckets`), stacked afterwards, so a few long ones do not pad all the others.
         """
         pad, device = self.pad_token_id, self._device()
+        plain = plain_full_attention(self.model)
         # A 1-token loner would leave an all-padding row in the prefix pass; such chunks take the plain path.
-        shareable = self.share_prefixes and min(map(len, prompts)) > 1 and plain_full_attention(self.model)
+        shareable = self.share_prefixes and min(map(len, prompts)) > 1 and plain
         groups = prefix_groups(prompts) if shareable else []
-        if not any(len(members) > 1 for _, members in groups):
-            ids, mask = left_pad(prompts, pad, device)
-            cache = new_cache(self.model, ids.shape[1] + max_new)
-            return self._logits(ids, mask, padded_positions(mask), cache), cache, mask
-        group_of = [0] * len(prompts)
-        prefixes, suffixes = [], [[] for _ in prompts]
-        for g, (shared, members) in enumerate(groups):
-            shared = shared if len(members) > 1 else len(prompts[members[0]]) - 1  # a loner: all but its last token
-            prefixes.append(prompts[members[0]][:shared])
-            for i in members:
-                group_of[i], suffixes[i] = g, prompts[i][shared:]
-        prefix_ids, prefix_mask = left_pad(prefixes, pad, device)
-        suffix_ids, suffix_mask = left_pad(suffixes, pad, device)
-        cache = new_cache(self.model, prefix_ids.shape[1] + suffix_ids.shape[1] + max_new)
-        self._logits(prefix_ids, prefix_mask, padded_positions(prefix_mask), cache)
-        fan = torch.tensor(group_of, device=device)
-        cache_select(cache, fan)
-        mask = torch.cat([prefix_mask[fan], suffix_mask], dim=1)
-        positions = prefix_mask[fan].sum(-1, keepdim=True) + padded_positions(suffix_mask)
-        return self._logits(suffix_ids, mask, positions, cache), cache, mask
+        prefix_cache = None
+        suffixes = prompts
+        if any(len(members) > 1 for _, members in groups):
+            group_of = [0] * len(prompts)
+            prefixes, suffixes = [], [[] for _ in prompts]
+            for g, (shared, members) in enumerate(groups):
+                shared = shared if len(members) > 1 else len(prompts[members[0]]) - 1  # a loner: all but its last
+                prefixes.append(prompts[members[0]][:shared])
+                for i in members:
+                    group_of[i], suffixes[i] = g, prompts[i][shared:]
+            prefix_ids, prefix_mask = left_pad(prefixes, pad, device)
+            prefix_cache = new_cache(self.model, prefix_ids.shape[1])
+            self._logits(prefix_ids, prefix_mask, padded_positions(prefix_mask), prefix_cache)
+        runs = length_buckets([len(s) for s in suffixes], self.prefill_run_overhead) if plain else [range(len(suffixes))]
+        room = max_new if len(runs) == 1 else 0  # several runs are stacked into a new buffer with the room
+        parts = []
+        for run in runs:
+            ids, mask = left_pad([suffixes[i] for i in run], pad, device)
+            positions = padded_positions(mask)
+            if prefix_cache is None:
+                cache = new_cache(self.model, ids.shape[1] + room)
+            else:
+                fan = torch.tensor([group_of[i] for i in run], device=device)
+                cache = cache_copy_rows(prefix_cache, fan, prefix_ids.shape[1] + ids.shape[1] + room)
+                positions = prefix_mask[fan].sum(-1, keepdim=True) + positions
+                mask = torch.cat([prefix_mask[fan], mask], dim=1)
+            parts.append((self._logits(ids, mask, positions, cache), cache, mask))
+        if len(parts) == 1:
+            return parts[0]
+        width = max(mask.shape[1] for _, _, mask in parts)
+        cache = parts[0][1]
+        cache_stack(cache, [c for _, c, _ in parts[1:]], width + max_new)
+        mask = parts[0][2].new_zeros(len(prompts), width)
+        row = 0
+        for _, _, part_mask in parts:
+            mask[row:row + len(part_mask), width - part_mask.shape[1]:] = part_mask
+            row += len(part_mask)
+        return torch.cat([logits for logits, _, _ in parts]), cache, mask
 
     def _start(self, prompts: list[list[int]], rows: list[int], max_new: int) -> DecodeBatch:
         """Prefill rows' prompts (equal prompts adjacent: each distinct one is prefilled once and its cache and

@@ -68,20 +68,37 @@ class PreallocatedLayer(DynamicLayer):
             self._k, self._v = self._k[indices], self._v[indices]
             self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
 
-    def stack_below(self, other: "PreallocatedLayer", capacity: int) -> None:
-        """Append other's rows below these in a fresh (B + B_other, Hkv, capacity, D) buffer, both right-aligned at
-        the longer of the two lengths. The columns left of the shorter one are zeros: padding, which the attention
-        mask hides (zeros rather than uninitialised memory, whose NaNs would survive the mask in the matmul)."""
-        width = max(self.length, other.length)
+    def stack_below(self, others: list["PreallocatedLayer"], capacity: int) -> None:
+        """Append the rows of each of `others` below these, in order, in a fresh (B + sum B_other, Hkv, capacity, D)
+        buffer, all right-aligned at the longest length. The columns left of a shorter part are zeros: padding,
+        which the attention mask hides (zeros rather than uninitialised memory, whose NaNs would survive the mask in
+        the matmul)."""
+        parts = [self] + others
+        width = max(part.length for part in parts)
 
-        def stacked(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
-            out = mine.new_zeros(mine.shape[0] + theirs.shape[0], mine.shape[1], capacity, mine.shape[3])
-            out[:mine.shape[0], :, width - self.length:width] = mine[:, :, :self.length]
-            out[mine.shape[0]:, :, width - other.length:width] = theirs[:, :, :other.length]
+        def stacked(buffers: list[torch.Tensor]) -> torch.Tensor:
+            out = buffers[0].new_zeros(sum(b.shape[0] for b in buffers), buffers[0].shape[1], capacity,
+                                       buffers[0].shape[3])
+            row = 0
+            for part, buffer in zip(parts, buffers):
+                out[row:row + buffer.shape[0], :, width - part.length:width] = buffer[:, :, :part.length]
+                row += buffer.shape[0]
             return out
-        self._k, self._v = stacked(self._k, other._k), stacked(self._v, other._v)
+        self._k, self._v = stacked([part._k for part in parts]), stacked([part._v for part in parts])
         self.capacity, self.length = capacity, width
         self.keys, self.values = self._k[:, :, :width], self._v[:, :, :width]
+
+    def copy_rows(self, indices: torch.Tensor, capacity: int) -> "PreallocatedLayer":
+        """A new layer holding rows `indices` of this one (repeats allowed) in a buffer of `capacity` columns."""
+        layer = PreallocatedLayer(capacity)
+        if self.is_initialized:
+            layer.dtype, layer.device, layer.is_initialized, layer.length = self.dtype, self.device, True, self.length
+            layer._k, layer._v = (buffer.new_empty(len(indices), buffer.shape[1], capacity, buffer.shape[3])
+                                  for buffer in (self._k, self._v))
+            layer._k[:, :, :self.length] = self.keys[indices]
+            layer._v[:, :, :self.length] = self.values[indices]
+            layer.keys, layer.values = layer._k[:, :, :self.length], layer._v[:, :, :self.length]
+        return layer
 
     def drop_leading(self, count: int) -> None:
         """Forget the first `count` positions (columns that are padding for every remaining row). No copy."""
@@ -104,10 +121,18 @@ def cache_select(cache: DynamicCache, indices: torch.Tensor) -> None:
         layer.batch_select_indices(indices)
 
 
-def cache_stack(cache: DynamicCache, other: DynamicCache, capacity: int) -> None:
-    """Rows of `other` appended below `cache`'s (in place), right-aligned: see PreallocatedLayer.stack_below."""
-    for layer, theirs in zip(cache.layers, other.layers):
-        layer.stack_below(theirs, capacity)
+def cache_stack(cache: DynamicCache, others: list[DynamicCache], capacity: int) -> None:
+    """Rows of each of `others` appended below `cache`'s (in place), right-aligned: see
+    PreallocatedLayer.stack_below."""
+    for i, layer in enumerate(cache.layers):
+        layer.stack_below([other.layers[i] for other in others], capacity)
+
+
+def cache_copy_rows(cache: DynamicCache, indices: torch.Tensor, capacity: int) -> DynamicCache:
+    """A new cache of PreallocatedLayers holding rows `indices` of `cache`'s, with room for `capacity` columns."""
+    copy = DynamicCache()
+    copy.layers = [layer.copy_rows(indices, capacity) for layer in cache.layers]
+    return copy
 
 
 def cache_drop_leading(cache: DynamicCache, count: int) -> bool:
@@ -147,7 +172,7 @@ class DecodeBatch:
         """Append other's rows (just prefilled) below these. Both are right-aligned at the wider width, the
         narrower padded on the left, in a new buffer with room for `max_new` more tokens."""
         width = max(self.width, other.width)
-        cache_stack(self.cache, other.cache, width + max_new)
+        cache_stack(self.cache, [other.cache], width + max_new)
         mask = self.mask.new_zeros(len(self.rows) + len(other.rows), width + max_new)
         mask[:len(self.rows), width - self.width:width] = self.mask[:, :self.width]
         mask[len(self.rows):, width - other.width:width] = other.mask[:, :other.width]

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from grpo.engine import Rollout, TorchEngine, prefix_groups, rows_that_fit  # noqa: E402
+from grpo.engine import Rollout, TorchEngine, length_buckets, prefix_groups, rows_that_fit  # noqa: E402
 from grpo.guide import Steer  # noqa: E402
 from grpo.kv_cache import padded_positions  # noqa: E402
 from grpo.models import tiny_llama  # noqa: E402
@@ -243,6 +243,53 @@ def test_prefix_sharing_equals_plain_prefill_on_tiny(tiny):
         for s, p in zip(shared, plain):
             assert max(abs(a - b) for a, b in zip(s.logprobs, p.logprobs)) < 1e-5
             assert all(math.isfinite(x) for x in s.logprobs)
+
+
+def test_length_buckets_minimise_padded_tokens_plus_overhead():
+    """Against every split of the positions into contiguous runs (brute force over the 2^(n-1) cut sets)."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        lengths = torch.randint(1, 40, (int(torch.randint(1, 9, (), generator=gen)),), generator=gen).tolist()
+        overhead = int(torch.randint(0, 50, (), generator=gen))
+
+        def cost(runs):
+            return sum(len(run) * max(lengths[i] for i in run) + overhead for run in runs)
+        best = math.inf
+        for cuts in range(2 ** (len(lengths) - 1)):
+            bounds = [0] + [i + 1 for i in range(len(lengths) - 1) if cuts >> i & 1] + [len(lengths)]
+            best = min(best, cost([range(a, b) for a, b in zip(bounds, bounds[1:])]))
+        runs = length_buckets(lengths, overhead)
+        assert [i for run in runs for i in run] == list(range(len(lengths)))
+        assert cost(runs) == best
+    assert length_buckets([30, 29, 3, 2], overhead=10) == [range(0, 2), range(2, 4)]  # 70 + 16 < 104, 95, 130
+    assert length_buckets([30, 29, 3, 2], overhead=1000) == [range(0, 4)]
+
+
+def test_prefill_in_length_runs_changes_nothing_but_the_work(tiny):
+    """Prompts of very different lengths, with and without shared prefixes: prefilled in several runs (overhead 0)
+    they give the same samples and log-probs as in one padded batch (and as teacher forcing), and feed fewer
+    tokens."""
+    model, tok, _ = tiny
+    head = list(range(100, 112))
+    prompts = [head + list(range(200, 240)), head + list(range(300, 335)), head + [50, 51], head + [60],
+               list(range(400, 430)), [1, 800, 801]]
+    for share in (True, False):
+        fed = {}
+        results = {}
+        for overhead in (0, 10**9):
+            engine = TorchEngine(model, tok, share_prefixes=share, prefill_run_overhead=overhead)
+            original = engine._logits
+            fed[overhead] = []
+            engine._logits = lambda ids, *args, o=overhead, f=original: fed[o].append(ids.numel()) or f(ids, *args)
+            results[overhead] = engine.generate(prompts, n=2, max_new_tokens=8, temperature=1.0, seed=5)
+        many, one = results[0], results[10**9]
+        assert [r.completion_ids for r in many] == [r.completion_ids for r in one]
+        for a, b in zip(many, one):
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+            assert (torch.tensor(a.logprobs) - teacher_forced_logprobs(model, a, 1.0)).abs().max().item() < 1e-4
+        prefill_passes = 2 if share else 1
+        assert len(fed[0]) - len(fed[10**9]) >= 2  # more than one run of suffixes
+        assert sum(fed[0][:-7]) < sum(fed[10**9][:prefill_passes])  # the 7 decode steps feed as many tokens
 
 
 def test_seeded_sampling_is_deterministic_and_chunking_independent(tiny):
