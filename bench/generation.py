@@ -1,13 +1,25 @@
-"""Rollout throughput: HF `generate` vs TorchEngine (vs vLLM when `import vllm` works) on SmolLM2-135M fp32, CPU.
+"""Rollout throughput: HF `generate` vs TorchEngine vs vLLM (eager and compiled) on SmolLM2-135M fp32, CPU.
 
 Every engine produces exactly `new` tokens per sequence (no stop strings; EOS suppressed: `ignore_eos=True` for
-TorchEngine, `min_new_tokens` for HF), sampling at T=1, top_p=1, on blog-style NER chat prompts (one entity type per
-prompt, two few-shot examples) built from CoNLL-2003 dev sentences. Engines are interleaved within each repeat and
-the median is reported; "x HF" is each engine's median tokens/s over HF's, "% peak" is 2 * params * tokens / time
-over a square fp32 torch.matmul timed in the same process.
+TorchEngine and vLLM, `min_new_tokens` for HF), sampling at T=1, top_p=1, on blog-style NER chat prompts (one entity
+type per prompt, two few-shot examples) built from CoNLL-2003 dev sentences. Engines are interleaved within each
+repeat and the median is reported; "x HF" is each engine's median tokens/s over HF's, "x TorchEngine" over
+TorchEngine's (same run), "% peak" is 2 * params * tokens / time over a square fp32 torch.matmul timed in the same
+process.
+
+vLLM rows: vLLM lives in its own venv (scripts/setup_vllm_cpu.sh: ~/.cache/grpo-ner/venv-vllm or $GRPO_VLLM_VENV),
+so each mode runs as a long-lived server in that venv's interpreter (bench/_vllm_side.py), started before the timed
+loop and fed the same token-id prompts, new-token count and sampling settings over a pipe. It builds `vllm.LLM` on
+the same model folder with grpo/vllm_engine.py's arguments (float32, prefix caching, processed log-probs, 1 GiB KV
+cache, engine core in-process so its CPU time counts) and the bench's thread count, with `enforce_eager=True`
+("vLLM eager", start-up ~15 s) or vLLM's default torch.compile ("vLLM compiled", start-up 1-1.5 min on 2 cores,
+nearly all compiling; vLLM 0.32's AOT cache fails to load, so it compiles again every time). Start-up is printed
+and excluded from the rates; wall and CPU time are measured in the server around `llm.generate`, after resetting
+its prefix cache (as after every weight sync in training). `--vllm_python ""` or a bare `--vllm_modes` drops the
+vLLM rows; they are also SKIPPED when the venv is missing and vllm does not import here.
 
 Command:
-    OMP_WAIT_POLICY=PASSIVE python bench/generation.py --repeats 3
+    OMP_WAIT_POLICY=PASSIVE python bench/generation.py --repeats 3 [--vllm_modes eager compiled]
 On a GPU (scripts/gpu_check.sh): --device cuda --dtype bfloat16 [--model FOLDER]; "% peak" is then against a square
 matmul in that dtype on that device.
 
@@ -25,7 +37,8 @@ those two changes, measured in the same run.
 | 8 x 128 (prompt 205-228 tok) | TorchEngine | 61.3 | 2.07 | 2.23 | 10.2 | 15.0 / 16.7 / 19.6 |
 | 8 x 128 (prompt 205-228 tok) | TorchEngine, no packing / prefix sharing | 40.8 | 1.38 | 1.29 | 6.8 | 24.2 / 26.0 / 25.1 |
 
-vLLM column: skipped (`import vllm` fails in the main interpreter; vLLM lives in its own venv).
+vLLM rows: not in this run (the bench then ran vLLM only in-process, and `import vllm` fails in the main
+interpreter). They are measured by the command above (vLLM from its venv as a subprocess); numbers to be recorded.
 
 Where the time goes at 8 rows (torch.profiler over 20 decode steps, this machine): before, a decode step took
 ~145-165 ms, ~110 ms of it in aten::mm. The 540 MB of weights were streamed at only ~4-5 GB/s, far below the
@@ -44,6 +57,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede torch's OpenMP start-up
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -53,9 +67,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grpo.engine import TorchEngine  # noqa: E402
-from grpo.models import load_model_and_tokenizer, parse_dtype  # noqa: E402
+from grpo.models import load_model_and_tokenizer, parse_dtype, resolve_model_path  # noqa: E402
 from ner.data import default_data_dir  # noqa: E402
 from bench.machine import cpu_flags  # noqa: E402
+from bench._vllm_side import VLLMSide  # noqa: E402
+
+# scripts/setup_vllm_cpu.sh builds this venv (vllm-cpu + the requirements); $GRPO_VLLM_VENV moves it there too.
+VLLM_VENV_PYTHON = Path(os.environ.get("GRPO_VLLM_VENV", Path.home() / ".cache/grpo-ner/venv-vllm")) / "bin/python"
 
 DATA = default_data_dir() / "conll2003" / "dev.txt"  # $NER_DATA_DIR, else ../shared/data beside the repo
 FALLBACK_SENTENCES = [
@@ -149,6 +167,40 @@ def run_engine(engine, prompts: list[list[int]], new: int, seed: int, **kwargs) 
     return timed(generate)
 
 
+def default_vllm_python() -> str:
+    """vLLM's own venv when it exists, else this interpreter when it has vllm, else "" (no vLLM rows)."""
+    if VLLM_VENV_PYTHON.is_file():
+        return str(VLLM_VENV_PYTHON)
+    return sys.executable if importlib.util.find_spec("vllm") is not None else ""
+
+
+def start_vllm(args, model_path: str) -> dict[str, VLLMSide]:
+    """One server per mode, started one after the other (start-up times are not mixed), before any timing."""
+    if not args.vllm_python or not args.vllm_modes:
+        why = "--vllm_modes is empty" if args.vllm_python else \
+            f"--vllm_python is empty; its default is {VLLM_VENV_PYTHON} when that exists, else this interpreter " \
+            f"when it imports vllm"
+        print(f"SKIPPED: vLLM rows ({why})")
+        return {}
+    sides: dict[str, VLLMSide] = {}
+    try:
+        for mode in args.vllm_modes:
+            side = VLLMSide(args.vllm_python, model_path, mode, args.threads, args.device, args.dtype,
+                            timeout=args.vllm_startup_timeout)
+            sides[f"vLLM {mode}"] = side
+            i = side.info
+            print(f"vLLM {mode} (vllm {i['vllm']}, {args.vllm_python}): start-up {side.startup_s:.1f} s, excluded "
+                  f"from the rates (import {i['import_s']:.1f} s, engine build{' + compile' * (mode != 'eager')} "
+                  f"{i['build_s']:.1f} s, warm-up call {i['warmup_s']:.1f} s); torch threads {i['torch_threads']} "
+                  f"(OMP_NUM_THREADS={i['omp_num_threads']}, CPU affinity {i['affinity']}), OS threads "
+                  f"{i['os_threads']}, child processes {i['child_processes']}; log {side.log.name}", flush=True)
+    except BaseException:
+        for side in sides.values():
+            side.close()
+        raise
+    return sides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -158,6 +210,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a model folder or the embedded default")
+    parser.add_argument("--vllm_python", default=default_vllm_python(),
+                        help=f"interpreter with vllm for bench/_vllm_side.py (default {VLLM_VENV_PYTHON} if it "
+                             f"exists, else this one if it imports vllm); empty: no vLLM rows")
+    parser.add_argument("--vllm_modes", nargs="*", default=["eager", "compiled"], choices=["eager", "compiled"],
+                        help="one vLLM server and row per mode: enforce_eager=True, or vLLM's torch.compile")
+    parser.add_argument("--vllm_startup_timeout", type=float, default=1800.0, help="seconds per vLLM start-up")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
@@ -168,16 +226,26 @@ def main() -> None:
     engines = {"HF generate": None, "TorchEngine": TorchEngine(model, tokenizer),
                "TorchEngine, no packing / prefix sharing": TorchEngine(model, tokenizer, pack_weights=False,
                                                                        share_prefixes=False)}
+    vllm_sides = start_vllm(args, resolve_model_path(args.model))
     try:
-        import vllm  # noqa: F401
+        engines.update(vllm_sides)
+        rows, peak_dtype = run_bench(args, model, tokenizer, params, engines)
+    finally:
+        for side in vllm_sides.values():
+            side.close()
 
-        from grpo.vllm_engine import VLLMEngine
+    print(f"\nload average at the end: {os.getloadavg()}")
+    print(f"\n| sequences x new tokens | engine | tokens/s (wall, median) | x HF (wall) | x HF (CPU time) "
+          f"| x TorchEngine (wall) | % {str(peak_dtype).removeprefix('torch.')} matmul peak | wall times (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
-        engines["vLLM"] = VLLMEngine(model, tokenizer)
-    except ImportError as err:
-        print(f"SKIPPED: vLLM column (vllm not importable: {err})")
+
+def run_bench(args, model, tokenizer, params: int, engines: dict) -> tuple[list[tuple[str, ...]], torch.dtype]:
+    device = torch.device(args.device)
     # CPU bf16 matmuls without AMX take minutes at 2048^3 and say nothing about the CPU's peak: fp32 there.
-    peak_dtype = dtype if device.type == "cuda" else torch.float32
+    peak_dtype = parse_dtype(args.dtype) if device.type == "cuda" else torch.float32
     peak = matmul_peak_flops(device=device, dtype=peak_dtype)
     print(f"machine: {cpu_flags()}; prompts from {DATA if DATA.is_file() else 'built-in sentences (no CoNLL dev file)'}")
     print(f"{str(peak_dtype).removeprefix('torch.')} matmul peak (2048^3, {args.device}, {args.threads} threads): {peak / 1e9:.0f} GFLOP/s; "
@@ -193,28 +261,23 @@ def main() -> None:
             for name, engine in engines.items():
                 if engine is None:
                     elapsed = run_hf(model, tokenizer, prompts, args.new)
-                elif name.startswith("TorchEngine"):
-                    elapsed = run_engine(engine, prompts, args.new, seed=rep, ignore_eos=True)
+                elif isinstance(engine, VLLMSide):  # timed inside the server, around its llm.generate call
+                    elapsed = engine.generate(prompts, args.new, seed=rep)
                 else:
-                    elapsed = run_engine(engine, prompts, args.new, seed=rep)
+                    elapsed = run_engine(engine, prompts, args.new, seed=rep, ignore_eos=True)
                 times[name].append(elapsed)
                 print(f"  batch {batch} rep {rep} {name}: wall {elapsed[0]:.2f}s cpu {elapsed[1]:.2f}s", flush=True)
         tokens = batch * args.new
         hf_wall = statistics.median(w for w, _ in times["HF generate"])
         hf_cpu = statistics.median(c for _, c in times["HF generate"])
+        torch_wall = statistics.median(w for w, _ in times["TorchEngine"])
         for name, ts in times.items():
             wall, cpu = statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts)
             rate = tokens / wall
             rows.append((f"{batch} x {args.new} (prompt {min(lens)}-{max(lens)} tok)", name,
-                         f"{rate:.1f}", f"{hf_wall / wall:.2f}", f"{hf_cpu / cpu:.2f}",
+                         f"{rate:.1f}", f"{hf_wall / wall:.2f}", f"{hf_cpu / cpu:.2f}", f"{torch_wall / wall:.2f}",
                          f"{100 * 2 * params * rate / peak:.1f}", " / ".join(f"{w:.1f}" for w, _ in ts)))
-
-    print(f"\nload average at the end: {os.getloadavg()}")
-    print(f"\n| sequences x new tokens | engine | tokens/s (wall, median) | x HF (wall) | x HF (CPU time) "
-          f"| % {str(peak_dtype).removeprefix('torch.')} matmul peak | wall times (s) |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    return rows, peak_dtype
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ if [[ $MODE == gpu ]]; then
   T_MODEL=45; T_A=75; T_B=100; T_C=170; T_D1=120; T_D2=60
 else
   DEVICE=cpu; REDUCED=--reduced; NEW=16; STEPS_ARGS=(--max_completion_len 16 --group_size 4 --micro_batch_size 8)
-  GEN_ARGS=(--batches 4 --new 8 --repeats 1); STEP_ARGS=(--rounds 1 --steps 2 --new 8)
+  GEN_ARGS=(--batches 4 --new 8 --repeats 1 --vllm_modes eager); STEP_ARGS=(--rounds 1 --steps 2 --new 8)
   T_MODEL=120; T_A=300; T_B=600; T_C=600; T_D1=300; T_D2=300
 fi
 MODEL="$WORK/smollm2-random"
