@@ -5,7 +5,8 @@ TorchEngine runs the very `nn.Module` being trained (no weight copies, so `updat
   2. admits rows to the batch in that order, as many as keep (width + max_new_tokens) * rows within
      `max_batch_tokens`, prefilling each distinct prompt once (left padded, explicit position_ids) and copying its
      KV cache to its n sample rows; distinct prompts that start alike (system prompt, instructions, few-shot
-     examples) have that prefix run once per group and only their own suffixes on top (`prefix_groups`, `_prefill`);
+     examples) have that prefix run once per group and only their own suffixes on top (`prefix_groups`, `_prefill`),
+     in runs of similar length so a few long prompts do not pad all the others (`length_buckets`);
   3. decodes one token per step for all live rows with a preallocated KV cache (no per-step torch.cat), computing
      logits for the last position only, and drops finished rows (and all-padding columns) from the batch every few
      finished rows, so short completions stop costing compute. Continuous batching (the default): each such drop
@@ -13,6 +14,9 @@ TorchEngine runs the very `nn.Module` being trained (no weight copies, so `updat
      two), so the batch stays full until no row waits. `continuous=False` admits only into an empty batch, i.e.
      runs fixed chunks (as many rows as `rows_that_fit` an empty batch) one after another.
 Attention runs SDPA with native grouped-query support even when a padding mask is present (grpo/gqa_attention.py).
+On CPU a prompt's n samples (n > 1) share one copy of its K/V, which decode attention reads once per step for all of
+them and merges with each row's own K/V by log-sum-exp (cascade attention: `SharedKV`, `_cascade_decode_attention`):
+less memory traffic per step, and each row costs the KV budget 1/n of its prompt, so more rows run at once.
 Sampling (grpo/sampling.py) draws per-row seeded noise, so a row's output does not depend on batch composition.
 On CPU every nn.Linear runs through a oneDNN copy of its weight packed at the start of the call
 (grpo/packed_linear.py): a decode step multiplies a few rows by every matrix, where the default GEMM's per-call
@@ -33,10 +37,10 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from grpo.distributed import fsdp_unsharded
-from grpo.gqa_attention import gqa_attention
+from grpo.gqa_attention import GQA_SDPA, gqa_attention
 from grpo.guide import Guide, GuidedRows
-from grpo.kv_cache import (DecodeBatch, cache_copy_rows, cache_select, cache_stack, new_cache, padded_positions,
-                            plain_full_attention)
+from grpo.kv_cache import (DecodeBatch, SharedKV, SharedPrompts, cache_copy_rows, cache_empty_rows, cache_select,
+                            cache_stack, new_cache, padded_positions, plain_full_attention)
 from grpo.packed_linear import packed_linears
 from grpo.sampling import StopStrings, exponential_noise, row_generators, sample_next_tokens
 
@@ -186,7 +190,7 @@ class TorchEngine:
     def __init__(self, model: torch.nn.Module, tokenizer, max_batch_tokens: int = 32768,
                  eos_token_ids: list[int] | None = None, compact_fraction: float = 0.125, pack_weights: bool = True,
                  share_prefixes: bool = True, continuous: bool = True, join_fraction: float = 0.25,
-                 prefill_run_overhead: int = 64):
+                 prefill_run_overhead: int = 64, cascade_attention: bool = True):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
         self.model = model
@@ -213,6 +217,9 @@ class TorchEngine:
         # Prefill runs prompts (or their suffixes) of similar length together; a run costs this many padded tokens
         # more (see length_buckets).
         self.prefill_run_overhead = prefill_run_overhead
+        # A prompt's n samples read one copy of its K/V (cascade attention, grpo/gqa_attention.py; CPU, n > 1,
+        # with share_prefixes) instead of n copies: less memory traffic per step and more rows per budget.
+        self.cascade_attention = cascade_attention
         # What the last generate call did: prefill passes, joins into a running batch, decode steps (and their rows
         # summed), peak rows.
         self.stats: dict[str, int] = {}
@@ -248,17 +255,19 @@ class TorchEngine:
                 torch.inference_mode(), packed_linears(self.model, self.pack_weights):
             rollouts = self._decode([prompts[p] for _, p in rows], [r for r, _ in rows], max_new_tokens,
                                     temperature, top_p, stop_strings, seed, ignore_eos,
-                                    [p for _, p in rows], guide)
+                                    [p for _, p in rows], guide, n)
         results: list[Rollout | None] = [None] * len(rows)
         for (row_id, _), rollout in zip(rows, rollouts):
             results[row_id] = rollout
         return results
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                cache: DynamicCache) -> torch.Tensor:
-        """(B, V) fp32 next-token logits after feeding input_ids (B, q)."""
+                cache: DynamicCache, shared: SharedKV | None = None) -> torch.Tensor:
+        """(B, V) fp32 next-token logits after feeding input_ids (B, q); `shared`: K/V the rows read besides
+        `cache` (decode steps only; grpo/gqa_attention.py's cascade attention)."""
+        extra = {"shared_kv": shared.plan(input_ids.device)} if shared is not None else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, **self._forward_kwargs)
+                         past_key_values=cache, use_cache=True, **self._forward_kwargs, **extra)
         return out.logits[:, -1, :].float()
 
     def _prefill(self, prompts: list[list[int]], max_new: int) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
@@ -281,15 +290,16 @@ class TorchEngine:
         if any(len(members) > 1 for _, members in groups):
             group_of = [0] * len(prompts)
             prefixes, suffixes = [], [[] for _ in prompts]
-            for g, (shared, members) in enumerate(groups):
-                shared = shared if len(members) > 1 else len(prompts[members[0]]) - 1  # a loner: all but its last
-                prefixes.append(prompts[members[0]][:shared])
+            for g, (length, members) in enumerate(groups):
+                length = length if len(members) > 1 else len(prompts[members[0]]) - 1  # a loner: all but its last
+                prefixes.append(prompts[members[0]][:length])
                 for i in members:
-                    group_of[i], suffixes[i] = g, prompts[i][shared:]
+                    group_of[i], suffixes[i] = g, prompts[i][length:]
             prefix_ids, prefix_mask = left_pad(prefixes, pad, device)
             prefix_cache = new_cache(self.model, prefix_ids.shape[1])
             self._logits(prefix_ids, prefix_mask, padded_positions(prefix_mask), prefix_cache)
-        runs = length_buckets([len(s) for s in suffixes], self.prefill_run_overhead) if plain else [range(len(suffixes))]
+        runs = (length_buckets([len(s) for s in suffixes], self.prefill_run_overhead) if plain
+                else [range(len(suffixes))])
         room = max_new if len(runs) == 1 else 0  # several runs are stacked into a new buffer with the room
         parts = []
         for run in runs:
@@ -315,27 +325,43 @@ class TorchEngine:
             row += len(part_mask)
         return torch.cat([logits for logits, _, _ in parts]), cache, mask
 
-    def _start(self, prompts: list[list[int]], rows: list[int], max_new: int) -> DecodeBatch:
-        """Prefill rows' prompts (equal prompts adjacent: each distinct one is prefilled once and its cache and
-        logits fanned out to its sample rows) into a batch with room for `max_new` more tokens per row."""
+    def _start(self, prompts: list[list[int]], rows: list[int], max_new: int, cascade: bool) -> DecodeBatch:
+        """Prefill rows' prompts (equal prompts adjacent: each distinct one is prefilled once) into a batch with room
+        for `max_new` more tokens per row.
+
+        When prompts repeat (n samples each) and `cascade` holds, the prompts' K/V stay in the prefill's cache,
+        stored once, and the rows' own caches start empty: decode attention reads each prompt once per step for all
+        of its samples (SharedKV, grpo/gqa_attention.py). Otherwise each row gets a copy of its prompt's cache.
+        """
         distinct: list[list[int]] = []
         fan_out: list[int] = []
         for p in prompts:
             if not distinct or distinct[-1] is not p:
                 distinct.append(p)
             fan_out.append(len(distinct) - 1)
-        logits, cache, mask = self._prefill(distinct, max_new)
-        width, device = mask.shape[1], mask.device
+        logits, cache, mask = self._prefill(distinct, 0 if cascade and len(distinct) < len(prompts) else max_new)
+        self.stats["prefills"] += 1
+        device = mask.device
         fan = torch.tensor(fan_out, device=device)
+        next_pos = torch.tensor([len(p) for p in prompts], device=device)  # positions count real tokens only
+        if cascade and len(distinct) < len(prompts):
+            shared_mask = None if bool(mask.all()) else torch.zeros(
+                len(distinct), 1, 1, mask.shape[1], dtype=cache.layers[0].keys.dtype, device=device
+            ).masked_fill_(mask[:, None, None, :] == 0, float("-inf"))
+            shared = SharedPrompts([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
+                                   shared_mask)
+            return DecodeBatch(rows, cache_empty_rows(cache, len(prompts), max_new),
+                               torch.zeros(len(prompts), max_new, dtype=torch.long, device=device), 0, next_pos,
+                               logits[fan], SharedKV([shared], [(0, u) for u in fan_out]))
+        width = mask.shape[1]
         cache_select(cache, fan)
         mask_buf = torch.zeros(len(prompts), width + max_new, dtype=torch.long, device=device)
         mask_buf[:, :width] = mask[fan]
-        self.stats["prefills"] += 1
-        return DecodeBatch(rows, cache, mask_buf, width, mask_buf.sum(-1), logits[fan])
+        return DecodeBatch(rows, cache, mask_buf, width, next_pos, logits[fan])
 
     def _decode(self, prompts: list[list[int]], row_ids: list[int], max_new: int, temperature: float,
                 top_p: float, stop_strings: StopStrings, seed: int, ignore_eos: bool,
-                prompt_index: list[int] | None = None, guide: Guide | None = None) -> list[Rollout]:
+                prompt_index: list[int] | None = None, guide: Guide | None = None, n: int = 1) -> list[Rollout]:
         """One completion per entry of `prompts` (longest first, equal prompts adjacent); row_ids seed each row's
         RNG; `guide` is asked with each row's entry of `prompt_index`. Rows enter the running batch in order: when
         it is empty, and with `continuous` also each time finished rows are compacted out of it, so the batch stays
@@ -343,11 +369,17 @@ class TorchEngine:
 
         Memory policy: a KV buffer (allocated at a prefill or a join) holds rows x (width + max_new) <=
         max_batch_tokens, width being the wider of the running cache and the first waiting prompt (the widest,
-        as rows wait longest first). Into an empty batch that is a fixed chunk. Joining a running batch costs
-        more per row than a fresh chunk, since the running rows' generated tokens widen the left-padded cache.
+        as rows wait longest first), or 1/n of that prompt when its n samples share one copy of it (cascade). Into
+        an empty batch that is a fixed chunk. Joining a running batch costs more per row than a fresh chunk, since
+        the running rows' generated tokens widen the left-padded cache.
         """
         self.stats = {"prefills": 0, "joins": 0, "decode_steps": 0, "row_steps": 0, "peak_rows": 0}
         refill = self.continuous and plain_full_attention(self.model)  # stacking needs preallocated layers
+        # Cascade attention needs the preallocated cache, the CPU kernel that returns log-sum-exps, and our
+        # attention function in place (gqa_attention).
+        cascade = (self.cascade_attention and self.share_prefixes and plain_full_attention(self.model)
+                   and self._device().type == "cpu"
+                   and getattr(self.model.config, "_attn_implementation", None) == GQA_SDPA)
         completions: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
         finish: list[str | None] = [None] * len(prompts)
@@ -359,7 +391,9 @@ class TorchEngine:
             take = 0
             if queued < len(prompts) and (batch is None or (refill and compacted)):
                 running, width = (len(batch.rows), batch.width) if batch else (0, 0)
-                take = min(len(prompts) - queued, rows_that_fit(running, max(width, len(prompts[queued])), max_new,
+                # A row's share of its prompt's K/V: all of it, or 1/n of it when its n samples share one copy.
+                prompt_share = -(-len(prompts[queued]) // n) if cascade and n > 1 else len(prompts[queued])
+                take = min(len(prompts) - queued, rows_that_fit(running, max(width, prompt_share), max_new,
                                                                  self.max_batch_tokens))
                 if running and take < min(len(prompts) - queued, int((running + take) * self.join_fraction)):
                     take = 0  # too few to be worth a join: wait until more rows finish
@@ -368,7 +402,8 @@ class TorchEngine:
                 if temperature > 0:
                     generators.update(zip(joining, row_generators(seed, row_ids[queued:queued + take])))
                 # Into a running batch the prefill cache needs no room of its own: `join` copies it into one that has.
-                new = self._start(prompts[queued:queued + take], joining, max_new if batch is None else 0)
+                new = self._start(prompts[queued:queued + take], joining, max_new if batch is None else 0,
+                                  cascade)
                 if batch is None:
                     batch = new
                 else:

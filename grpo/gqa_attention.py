@@ -25,6 +25,9 @@ def _sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     query (B, H, q, D), key/value (B, Hkv, kv, D), attention_mask (B, 1, q, kv) bool/additive or None.
     Returns (B, q, H, D) like every transformers attention function.
     """
+    shared = kwargs.pop("shared_kv", None)
+    if shared is not None and query.shape[2] == 1:
+        return _cascade_decode_attention(module, query, key, value, attention_mask, scaling, shared), None
     groups = getattr(module, "num_key_value_groups", 1)
     if attention_mask is None or groups == 1 or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -41,6 +44,42 @@ def _sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                          scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _cascade_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, scaling: float | None, plan) -> torch.Tensor:
+    """One decode step's attention over each row's own K/V plus its prompt's K/V, which the prompt's sample rows
+    share (grpo/kv_cache.SharedKV) and which is read once for all of them (cascade attention, as in FlashInfer).
+
+    query (B, H, 1, D); key/value (B, Hkv, kv, D): the rows' own caches (their completions so far, the newest token
+    included); attention_mask (B, 1, 1, kv) bool or None; plan: SharedKV.plan(). Returns (B, 1, H, D). Softmax over
+    the union of both key sets is recovered from the two partial attentions and their log-sum-exps:
+    out = w * out_own + (1 - w) * out_prompt with w = sigmoid(lse_own - lse_prompt). CPU only (the op that returns
+    the log-sum-exp is the CPU flash kernel's).
+    """
+    b, h, _, d = query.shape
+    kv_heads = key.shape[1]
+    groups = h // kv_heads
+    folded = query.reshape(b, kv_heads, groups, d)  # query head j * groups + g reads K/V head j, as in repeat_kv
+    if attention_mask is not None:  # the kernel takes an additive mask of the query's dtype
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device
+                                     ).masked_fill_(~attention_mask, float("-inf"))
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out, lse = flash(folded, key, value, attn_mask=attention_mask, scale=scaling)
+    layer = module.layer_idx
+    for shared, m, gather, valid, rows in plan:
+        keys = shared.keys[layer]
+        u = keys.shape[0]
+        # Each prompt's m sample rows' queries against its one copy: (U, Hkv, m * groups, D).
+        q = folded[gather].reshape(u, m, kv_heads, groups, d).transpose(1, 2).reshape(u, kv_heads, m * groups, d)
+        part, part_lse = flash(q, keys, shared.values[layer], attn_mask=shared.mask, scale=scaling)
+        part = part.reshape(u, kv_heads, m, groups, d).transpose(1, 2).reshape(u * m, kv_heads, groups, d)
+        part_lse = part_lse.reshape(u, kv_heads, m, groups).transpose(1, 2).reshape(u * m, kv_heads, groups)
+        if valid is not None:
+            part, part_lse = part[valid], part_lse[valid]
+        own_weight = torch.sigmoid(lse[rows] - part_lse)[..., None].to(part.dtype)
+        out[rows] = part + own_weight * (out[rows] - part)
+    return out.reshape(b, 1, h, d)
 
 
 AttentionInterface.register(GQA_SDPA, _sdpa_gqa_attention)

@@ -100,6 +100,14 @@ class PreallocatedLayer(DynamicLayer):
             layer.keys, layer.values = layer._k[:, :, :self.length], layer._v[:, :, :self.length]
         return layer
 
+    def empty_rows(self, rows: int, capacity: int) -> "PreallocatedLayer":
+        """A new, empty layer for `rows` rows, shaped and typed like this one, with room for `capacity` columns."""
+        layer = PreallocatedLayer(capacity)
+        layer.lazy_initialization(self._k[:1, :, :0].expand(rows, -1, -1, -1),
+                                  self._v[:1, :, :0].expand(rows, -1, -1, -1))
+        layer.keys, layer.values = layer._k[:, :, :0], layer._v[:, :, :0]
+        return layer
+
     def drop_leading(self, count: int) -> None:
         """Forget the first `count` positions (columns that are padding for every remaining row). No copy."""
         if self.is_initialized and count > 0:
@@ -135,6 +143,13 @@ def cache_copy_rows(cache: DynamicCache, indices: torch.Tensor, capacity: int) -
     return copy
 
 
+def cache_empty_rows(cache: DynamicCache, rows: int, capacity: int) -> DynamicCache:
+    """A new, empty cache of PreallocatedLayers like `cache`'s, for `rows` rows and up to `capacity` tokens."""
+    empty = DynamicCache()
+    empty.layers = [layer.empty_rows(rows, capacity) for layer in cache.layers]
+    return empty
+
+
 def cache_drop_leading(cache: DynamicCache, count: int) -> bool:
     """Drop leading columns if every layer supports it; returns whether it did."""
     if count <= 0 or not all(isinstance(layer, PreallocatedLayer) for layer in cache.layers):
@@ -142,6 +157,71 @@ def cache_drop_leading(cache: DynamicCache, count: int) -> bool:
     for layer in cache.layers:
         layer.drop_leading(count)
     return True
+
+
+@dataclass
+class SharedPrompts:
+    """One prefill's prompts, whose K/V their sample rows read instead of each holding a copy: keys[layer] and
+    values[layer] (U, Hkv, W, D), mask (U, 1, 1, W) additive (0 / -inf) or None when every column is real."""
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor | None
+
+
+@dataclass
+class SharedKV:
+    """Prompt K/V stored once per prompt and read once per decode step for all of its sample rows (cascade
+    attention, grpo/gqa_attention.py), in blocks of `SharedPrompts` (one per prefill: the first, then each join).
+    row_prompt[b]: (block, prompt within it) of batch row b, None for a row that holds its whole prompt itself."""
+    blocks: list[SharedPrompts | None]
+    row_prompt: list[tuple[int, int] | None]
+
+    def plan(self, device: torch.device) -> list[tuple[SharedPrompts, int, slice | torch.Tensor,
+                                                       slice | torch.Tensor | None, slice | torch.Tensor]]:
+        """For each block with rows: (block, m, gather, valid, rows). The block's queries are gathered as
+        (U * m) batch rows, m = the most rows any of its prompts has (`gather`, padded with repeats); of the (U * m)
+        results, `valid` (None: all) are the real ones and land on batch rows `rows`. Slices when the rows are
+        already in that order (a prompt's samples adjacent and none finished): then nothing is copied."""
+        by_block: dict[int, dict[int, list[int]]] = {}
+        for b, where in enumerate(self.row_prompt):
+            if where is not None:
+                by_block.setdefault(where[0], {}).setdefault(where[1], []).append(b)
+        plans = []
+        for block, prompts in by_block.items():
+            shared = self.blocks[block]
+            count = shared.keys[0].shape[0]
+            m = max(len(rows) for rows in prompts.values())
+            gather, valid, targets = [], [], []
+            for u in range(count):
+                rows = prompts.get(u, [])
+                for j in range(m):
+                    if j < len(rows):
+                        valid.append(len(gather))
+                        targets.append(rows[j])
+                    gather.append(rows[min(j, len(rows) - 1)] if rows else 0)
+            if len(valid) == len(gather) and gather == list(range(gather[0], gather[0] + len(gather))):
+                whole = slice(gather[0], gather[0] + len(gather))
+                plans.append((shared, m, whole, None, whole))
+            else:
+                plans.append((shared, m, torch.tensor(gather, device=device), torch.tensor(valid, device=device),
+                              torch.tensor(targets, device=device)))
+        return plans
+
+    def keep(self, live: list[int]) -> None:
+        """Keep batch rows `live`; a block left without rows releases its tensors."""
+        self.row_prompt = [self.row_prompt[b] for b in live]
+        for block in set(range(len(self.blocks))) - {where[0] for where in self.row_prompt if where is not None}:
+            self.blocks[block] = None
+
+    def extend(self, other: "SharedKV | None", rows: int) -> None:
+        """Append the blocks of `other` (or `rows` rows that hold their whole prompts) after these."""
+        if other is None:
+            self.row_prompt = self.row_prompt + [None] * rows
+            return
+        offset = len(self.blocks)
+        self.blocks = self.blocks + other.blocks
+        self.row_prompt = self.row_prompt + [None if where is None else (where[0] + offset, where[1])
+                                             for where in other.row_prompt]
 
 
 @dataclass
@@ -157,6 +237,7 @@ class DecodeBatch:
     width: int
     next_pos: torch.Tensor     # (B,) int64: each row's next position id
     logits: torch.Tensor       # (B, V) fp32: next-token logits not yet sampled
+    shared: SharedKV | None = None  # K/V the rows read besides their own cache (see SharedKV)
 
     def keep(self, live: list[int]) -> None:
         """Keep batch positions `live`, then drop columns that are padding in every remaining row."""
@@ -164,7 +245,9 @@ class DecodeBatch:
         cache_select(self.cache, index)
         self.mask, self.next_pos, self.logits = self.mask[index], self.next_pos[index], self.logits[index]
         self.rows = [self.rows[b] for b in live]
-        lead = int(self.mask[:, :self.width].any(0).to(torch.int8).argmax())
+        if self.shared is not None:
+            self.shared.keep(live)
+        lead = int(self.mask[:, :self.width].any(0).to(torch.int8).argmax()) if self.width else 0
         if cache_drop_leading(self.cache, lead):
             self.mask, self.width = self.mask[:, lead:], self.width - lead
 
@@ -179,12 +262,17 @@ class DecodeBatch:
         self.mask, self.width = mask, width
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
         self.logits = torch.cat([self.logits, other.logits])
+        if other.shared is not None and self.shared is None:
+            self.shared = SharedKV([], [None] * len(self.rows))
+        if self.shared is not None:
+            self.shared.extend(other.shared, len(other.rows))
         self.rows = self.rows + other.rows
 
     def append(self, tokens: torch.Tensor, forward) -> None:
-        """Feed one token per row: `forward(ids (B, 1), mask (B, width), positions (B, 1), cache)` returns the
-        next logits."""
+        """Feed one token per row: `forward(ids (B, 1), mask (B, width), positions (B, 1), cache, shared)` returns
+        the next logits."""
         self.mask[:, self.width] = 1
         self.width += 1
-        self.logits = forward(tokens[:, None], self.mask[:, :self.width], self.next_pos[:, None], self.cache)
+        self.logits = forward(tokens[:, None], self.mask[:, :self.width], self.next_pos[:, None], self.cache,
+                              self.shared)
         self.next_pos = self.next_pos + 1
