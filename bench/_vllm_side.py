@@ -17,7 +17,8 @@ per stdin line, one JSON command ``{"prompts": [[ids], ...], "new": N, "seed": S
 (as after every weight sync in training, so one call never reuses an earlier call's prompts; sharing within a
 call stays), then one ``llm.generate`` of TokensPrompts with SamplingParams(n=1, T=1, top_p=1, max_tokens=N,
 ignore_eos=True, one seed per prompt, logprobs=0 as the trainer asks); every output must hold exactly N tokens.
-Reply: ``{"wall": s, "cpu": s, "tokens": n}``. ``{"quit": true}`` or end of input stops the server.
+Reply: ``{"wall": s, "cpu": s, "tokens": n}``; with ``"profile": true`` the call runs under torch.profiler
+and the reply carries its op table (``"profile"``). ``{"quit": true}`` or end of input stops the server.
 
 Protocol lines go to the original stdout, each prefixed with ``@@vllm_side ``; everything else written to stdout
 (vLLM's logger, C extensions) is redirected to stderr, which the client sends to a log file.
@@ -41,6 +42,7 @@ import time
 import traceback
 
 PREFIX = "@@vllm_side "
+PROFILE_ROWS = 18  # ops in a profile table, by self CPU time
 GIB = 1 << 30
 
 
@@ -94,13 +96,16 @@ class VLLMSide:
         with open(self.log.name, encoding="utf-8", errors="replace") as f:
             return "".join(f.readlines()[-lines:])
 
-    def generate(self, prompts: list[list[int]], new: int, seed: int) -> tuple[float, float]:
-        """(wall seconds, process CPU seconds) of the server's llm.generate call."""
+    def generate(self, prompts: list[list[int]], new: int, seed: int, profile: bool = False
+                 ) -> tuple[float, float]:
+        """(wall seconds, process CPU seconds) of the server's llm.generate call. profile: run it under
+        torch.profiler and keep its op table in `self.profile_table`."""
         self.proc.stdin.write(json.dumps({"prompts": [[int(t) for t in p] for p in prompts], "new": new,
-                                          "seed": seed}) + "\n")
+                                          "seed": seed, "profile": profile}) + "\n")
         self.proc.stdin.flush()
         reply = self._reply(None, "generate")
         assert reply["tokens"] == len(prompts) * new, reply
+        self.profile_table = reply.get("profile", "")
         return reply["wall"], reply["cpu"]
 
     def close(self, timeout: float = 60.0) -> None:
@@ -129,7 +134,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _generate(llm, prompts: list[list[int]], new: int, seed: int) -> dict:
+def _generate(llm, prompts: list[list[int]], new: int, seed: int, profile: bool = False) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -139,13 +144,23 @@ def _generate(llm, prompts: list[list[int]], new: int, seed: int) -> dict:
     inputs = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
     if not llm.reset_prefix_cache():
         raise RuntimeError("vLLM refused to reset its prefix cache")
+    profiler = None
+    if profile:
+        import torch
+
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        profiler.__enter__()
     wall, cpu = time.perf_counter(), time.process_time()
     outputs = llm.generate(inputs, params, use_tqdm=False)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    table = ""
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS)
     lengths = [len(c.token_ids) for o in outputs for c in o.outputs]
     if len(lengths) != len(prompts) or any(n != new for n in lengths):
         raise AssertionError(f"expected {len(prompts)} outputs of {new} tokens, got lengths {lengths}")
-    return {"wall": wall, "cpu": cpu, "tokens": sum(lengths)}
+    return {"wall": wall, "cpu": cpu, "tokens": sum(lengths), "profile": table}
 
 
 def main() -> None:
@@ -202,7 +217,7 @@ def main() -> None:
         if cmd.get("quit"):
             break
         try:
-            send(_generate(llm, cmd["prompts"], int(cmd["new"]), int(cmd["seed"])))
+            send(_generate(llm, cmd["prompts"], int(cmd["new"]), int(cmd["seed"]), bool(cmd.get("profile"))))
         except Exception:
             send({"error": traceback.format_exc()})
     del llm

