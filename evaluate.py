@@ -61,7 +61,8 @@ class EvalConfig:
     fit_only: bool = _f(False, "count prompt and gold-answer tokens per dataset with the model's tokenizer alone "
                                "(ner/token_fit.py) against --max_new_tokens / --max_prompt_len; no model loads")
     temperature: float = _f(0.0, "0 = greedy")
-    batch_size: int = _f(32, "prompts per engine call")
+    batch_size: int = _f(256, "prompts per engine call; more than run at once, so that waiting prompts take the "
+                                "places of finished ones (continuous batching)")
     engine: str = _f("auto", "torch | vllm | auto (vllm on a CUDA machine with vLLM installed, else torch)")
     max_batch_tokens: int = _f(65536, "torch engine memory bound")
     match: str = _f("exact", "span matching: exact | normalized (UniversalNER-style)")
