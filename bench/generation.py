@@ -41,15 +41,16 @@ TorchEngine(pack_weights=False, share_prefixes=False), in the same run.
 | 8 x 128 (prompt 205-228 tok) | vLLM eager | 118.9 | 2.47 | 2.52 | 1.17 | 16.7 | 8.6 / 8.6 / 8.9 |
 | 8 x 128 (prompt 205-228 tok) | vLLM compiled | 130.4 | 2.72 | 2.75 | 1.29 | 18.3 | 7.9 / 7.8 / 7.9 |
 
-vLLM is ahead: eager by 1.17x, compiled by 1.29-1.31x, at both sizes. Why (TorchEngine profiled below; vLLM's
-engine read from its configuration and source): (1) attention: vLLM's CPU backend keeps the K/V in pages, and with
+vLLM is ahead: eager by 1.17x, compiled by 1.29-1.31x, at both sizes. Why (both profiled with `--profile`; a 2 x 4
+check run of it, 2026-12-04 23:35, while another benchmark shared the cores, gave the op lists): (1) attention:
+vLLM's CPU backend (`_C::cpu_attention_with_kv_cache`, a C++ kernel over paged K/V) keeps the K/V in pages, and with
 prefix caching the 8 prompts of a type point to the same pages for their 164-168 shared tokens, so a decode step
 reads that prefix from cache once per type; TorchEngine at n = 1 holds a copy of it in every row (its cascade
-attention shares a prompt only among the n samples of one prompt). (2) vLLM runs every norm, rotary embedding and
-SiLU-and-mul as its own C++ kernel (`custom_ops: all`) on fused QKV and gate-up projections: fewer passes over the
-activations and fewer Python-level ops per layer than the transformers modules TorchEngine calls. (3) Compiled, it
-also fuses the remaining elementwise ops with inductor. The linears, the largest part, are oneDNN with prepacked
-weights on both sides.
+attention shares a prompt only among the n samples of one prompt). (2) vLLM fuses the QKV and the gate-up
+projections: 121 oneDNN matmuls per forward (`_C::onednn_mm`) against TorchEngine's 211 prepacked linears, and it
+writes the cache and applies rotary embeddings in C++ kernels; its norms and SiLU stay torch ops. (3) Compiled, it
+also fuses the remaining elementwise ops with inductor. (4) TorchEngine packs its weights at every generate call
+(0.24 s; vLLM once at load), about 2% of the 8 x 128 call.
 Earlier (2026-12-03, load 1.2-1.8, before prefill length runs and cascade attention): TorchEngine 98.2 tok/s =
 2.68x HF at 32 x 128, 61.3 = 2.07x at 8 x 128; 2026-11-23: 2.36x and 1.42x.
 
