@@ -37,7 +37,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from grpo.distributed import fsdp_unsharded
-from grpo.gqa_attention import GQA_SDPA, gqa_attention
+from grpo.gqa_attention import GQA_SDPA, additive_mask, gqa_attention
 from grpo.guide import Guide, GuidedRows
 from grpo.kv_cache import (DecodeBatch, SharedKV, SharedPrompts, cache_copy_rows, cache_empty_rows, cache_select,
                             cache_stack, new_cache, padded_positions, plain_full_attention)
@@ -339,15 +339,15 @@ class TorchEngine:
             if not distinct or distinct[-1] is not p:
                 distinct.append(p)
             fan_out.append(len(distinct) - 1)
-        logits, cache, mask = self._prefill(distinct, 0 if cascade and len(distinct) < len(prompts) else max_new)
+        samples_share = cascade and len(distinct) < len(prompts)
+        logits, cache, mask = self._prefill(distinct, 0 if samples_share else max_new)
         self.stats["prefills"] += 1
         device = mask.device
         fan = torch.tensor(fan_out, device=device)
         next_pos = torch.tensor([len(p) for p in prompts], device=device)  # positions count real tokens only
-        if cascade and len(distinct) < len(prompts):
-            shared_mask = None if bool(mask.all()) else torch.zeros(
-                len(distinct), 1, 1, mask.shape[1], dtype=cache.layers[0].keys.dtype, device=device
-            ).masked_fill_(mask[:, None, None, :] == 0, float("-inf"))
+        if samples_share:
+            shared_mask = None if bool(mask.all()) else additive_mask(mask[:, None, None, :].bool(),
+                                                                      cache.layers[0].keys.dtype)
             shared = SharedPrompts([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
                                    shared_mask)
             return DecodeBatch(rows, cache_empty_rows(cache, len(prompts), max_new),
@@ -374,11 +374,11 @@ class TorchEngine:
         the running rows' generated tokens widen the left-padded cache.
         """
         self.stats = {"prefills": 0, "joins": 0, "decode_steps": 0, "row_steps": 0, "peak_rows": 0}
-        refill = self.continuous and plain_full_attention(self.model)  # stacking needs preallocated layers
+        preallocated = plain_full_attention(self.model)
+        refill = self.continuous and preallocated  # stacking needs preallocated layers
         # Cascade attention needs the preallocated cache, the CPU kernel that returns log-sum-exps, and our
         # attention function in place (gqa_attention).
-        cascade = (self.cascade_attention and self.share_prefixes and plain_full_attention(self.model)
-                   and self._device().type == "cpu"
+        cascade = (self.cascade_attention and self.share_prefixes and preallocated and self._device().type == "cpu"
                    and getattr(self.model.config, "_attn_implementation", None) == GQA_SDPA)
         completions: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]

@@ -46,6 +46,11 @@ def _sdpa_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     return out.transpose(1, 2).contiguous(), None
 
 
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True = attend), any shape -> the same shape in `dtype`: 0 where True, -inf where False."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+
+
 def _cascade_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, scaling: float | None, plan) -> torch.Tensor:
     """One decode step's attention over each row's own K/V plus its prompt's K/V, which the prompt's sample rows
@@ -62,8 +67,7 @@ def _cascade_decode_attention(module: torch.nn.Module, query: torch.Tensor, key:
     groups = h // kv_heads
     folded = query.reshape(b, kv_heads, groups, d)  # query head j * groups + g reads K/V head j, as in repeat_kv
     if attention_mask is not None:  # the kernel takes an additive mask of the query's dtype
-        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device
-                                     ).masked_fill_(~attention_mask, float("-inf"))
+        attention_mask = additive_mask(attention_mask, query.dtype)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     out, lse = flash(folded, key, value, attn_mask=attention_mask, scale=scaling)
     layer = module.layer_idx
