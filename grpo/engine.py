@@ -15,12 +15,15 @@ TorchEngine runs the very `nn.Module` being trained (no weight copies, so `updat
      runs fixed chunks (as many rows as `rows_that_fit` an empty batch) one after another.
 Attention runs SDPA with native grouped-query support even when a padding mask is present (grpo/gqa_attention.py).
 On CPU a prompt's n samples (n > 1) share one copy of its K/V, which decode attention reads once per step for all of
-them and merges with each row's own K/V by log-sum-exp (cascade attention: `SharedKV`, `_cascade_decode_attention`):
-less memory traffic per step, and each row costs the KV budget 1/n of its prompt, so more rows run at once.
+them and merges with each row's own K/V by log-sum-exp (cascade attention: `SharedKV`, `cascade_attention`): less
+memory traffic per step, and each row costs the KV budget 1/n of its prompt, so more rows run at once. At n = 1 the
+prompts of a prefix group share that prefix's K/V the same way (their rows hold only their own suffixes).
 Sampling (grpo/sampling.py) draws per-row seeded noise, so a row's output does not depend on batch composition.
-On CPU every nn.Linear runs through a oneDNN copy of its weight packed at the start of the call
-(grpo/packed_linear.py): a decode step multiplies a few rows by every matrix, where the default GEMM's per-call
-repacking costs more than the arithmetic. The pack is rebuilt each call, so it can never be stale.
+On CPU the weights run through oneDNN copies packed at the start of the call (a decode step multiplies a few rows by
+every matrix, where the default GEMM's per-call repacking costs more than the arithmetic); packs are rebuilt each
+call, so they can never be stale. fp32 Llama-family models (Llama, Qwen2, Mistral) then run every forward through
+grpo/fast_decode.py's LeanDecoder instead of transformers' modules (fused q/k/v and gate/up matmuls, fewer small
+ops); other models keep transformers' forward with each nn.Linear packed (grpo/packed_linear.py).
 
 FSDP2: if the policy is wrapped with `fully_shard`, every FSDP module is all-gathered once before generation and
 kept unsharded until the end (no collectives inside the decode loop, so ranks need no lockstep), then resharded.
@@ -37,10 +40,12 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from grpo.distributed import fsdp_unsharded
+from grpo.fast_decode import LeanDecoder, unsupported_reason
 from grpo.gqa_attention import GQA_SDPA, additive_mask, gqa_attention
 from grpo.guide import Guide, GuidedRows
-from grpo.kv_cache import (DecodeBatch, SharedKV, SharedPrompts, cache_copy_rows, cache_empty_rows, cache_select,
-                            cache_stack, new_cache, padded_positions, plain_full_attention)
+from grpo.kv_cache import (DecodeBatch, SharedKV, SharedPrompts, cache_copy_rows, cache_drop_leading,
+                            cache_empty_rows, cache_select, cache_stack, new_cache, padded_positions,
+                            plain_full_attention)
 from grpo.packed_linear import packed_linears
 from grpo.sampling import StopStrings, exponential_noise, row_generators, sample_next_tokens
 
@@ -184,13 +189,20 @@ def _check_args(prompts, n, max_new_tokens, temperature, top_p, stop) -> None:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
 
 
+def _shared_prompts(cache: DynamicCache, mask: torch.Tensor) -> SharedPrompts:
+    """A prefill's K/V (rows = prompts or prefixes, left padded as `mask` (U, W) says) as cascade attention's
+    shared block."""
+    keep = None if bool(mask.all()) else additive_mask(mask[:, None, None, :].bool(), cache.layers[0].keys.dtype)
+    return SharedPrompts([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], keep)
+
+
 class TorchEngine:
     """Batched KV-cached sampling on the training module itself. See the module docstring."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_batch_tokens: int = 32768,
                  eos_token_ids: list[int] | None = None, compact_fraction: float = 0.125, pack_weights: bool = True,
                  share_prefixes: bool = True, continuous: bool = True, join_fraction: float = 0.25,
-                 prefill_run_overhead: int = 64, cascade_attention: bool = True):
+                 prefill_run_overhead: int = 64, cascade_attention: bool = True, lean_decode: bool = True):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
         self.model = model
@@ -220,6 +232,9 @@ class TorchEngine:
         # A prompt's n samples read one copy of its K/V (cascade attention, grpo/gqa_attention.py; CPU, n > 1,
         # with share_prefixes) instead of n copies: less memory traffic per step and more rows per budget.
         self.cascade_attention = cascade_attention
+        # CPU, fp32 Llama-family models: forwards skip transformers' modules (grpo/fast_decode.py; needs packing).
+        self.lean_decode = lean_decode
+        self._lean: LeanDecoder | None = None
         # What the last generate call did: prefill passes, joins into a running batch, decode steps (and their rows
         # summed), peak rows.
         self.stats: dict[str, int] = {}
@@ -252,10 +267,16 @@ class TorchEngine:
         rows.sort(key=lambda row: (-len(prompts[row[1]]), row[0]))
         stop_strings = StopStrings(self.tokenizer, stop)
         with fsdp_unsharded(self.model), _eval_mode(self.model), gqa_attention(self.model), \
-                torch.inference_mode(), packed_linears(self.model, self.pack_weights):
-            rollouts = self._decode([prompts[p] for _, p in rows], [r for r, _ in rows], max_new_tokens,
-                                    temperature, top_p, stop_strings, seed, ignore_eos,
-                                    [p for _, p in rows], guide, n)
+                torch.inference_mode(), contextlib.ExitStack() as stack:
+            lean = self.lean_decode and self.pack_weights and unsupported_reason(self.model) is None
+            self._lean = LeanDecoder(self.model) if lean else None
+            stack.enter_context(packed_linears(self.model, self.pack_weights and not lean))
+            try:
+                rollouts = self._decode([prompts[p] for _, p in rows], [r for r, _ in rows], max_new_tokens,
+                                        temperature, top_p, stop_strings, seed, ignore_eos,
+                                        [p for _, p in rows], guide, n)
+            finally:
+                self._lean = None  # its packed weights go with the call
         results: list[Rollout | None] = [None] * len(rows)
         for (row_id, _), rollout in zip(rows, rollouts):
             results[row_id] = rollout
@@ -265,13 +286,16 @@ class TorchEngine:
                 cache: DynamicCache, shared: SharedKV | None = None) -> torch.Tensor:
         """(B, V) fp32 next-token logits after feeding input_ids (B, q); `shared`: K/V the rows read besides
         `cache` (decode steps only; grpo/gqa_attention.py's cascade attention)."""
+        if self._lean is not None:
+            return self._lean.forward(input_ids, attention_mask, position_ids, cache, shared)
         extra = {"shared_kv": shared.plan(input_ids.device)} if shared is not None else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True, **self._forward_kwargs, **extra)
         return out.logits[:, -1, :].float()
 
-    def _prefill(self, prompts: list[list[int]], max_new: int) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
-        """Feed distinct prompts: (last-position logits (U, V), their KV cache, attention mask (U, width)).
+    def _prefill(self, prompts: list[list[int]], max_new: int, prefix_apart: bool = False
+                 ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, SharedKV | None]:
+        """Feed distinct prompts: (last-position logits (U, V), their KV cache, attention mask (U, width), None).
 
         Prompts that start alike (`prefix_groups`: a shared system prompt, instructions, few-shot examples) have
         that prefix run once per group, and only their own suffixes run on top, as vLLM's prefix caching would.
@@ -279,6 +303,8 @@ class TorchEngine:
         nothing but the work done. (The KV cache is then up to the longest prefix + longest suffix wide, at most
         twice the chunk's planned prompt width.) The suffixes (whole prompts when nothing is shared) run in runs of
         similar length (`length_buckets`), stacked afterwards, so a few long ones do not pad all the others.
+        With `prefix_apart` (cascade attention) and a shared prefix, the cache keeps only the suffixes, and the
+        group prefixes come back as a SharedKV that the rows read at each decode step (one copy per group).
         """
         pad, device = self.pad_token_id, self._device()
         plain = plain_full_attention(self.model)
@@ -312,9 +338,16 @@ class TorchEngine:
                 cache = cache_copy_rows(prefix_cache, fan, prefix_ids.shape[1] + ids.shape[1] + room)
                 positions = prefix_mask[fan].sum(-1, keepdim=True) + positions
                 mask = torch.cat([prefix_mask[fan], mask], dim=1)
-            parts.append((self._logits(ids, mask, positions, cache), cache, mask))
+            logits = self._logits(ids, mask, positions, cache)
+            if prefix_cache is not None and prefix_apart:
+                cache_drop_leading(cache, prefix_ids.shape[1])  # a view: the prefix stays in prefix_cache
+                mask = mask[:, prefix_ids.shape[1]:]
+            parts.append((logits, cache, mask))
+        shared = None
+        if prefix_cache is not None and prefix_apart:
+            shared = SharedKV([_shared_prompts(prefix_cache, prefix_mask)], [(0, g) for g in group_of])
         if len(parts) == 1:
-            return parts[0]
+            return *parts[0], shared
         width = max(mask.shape[1] for _, _, mask in parts)
         cache = parts[0][1]
         cache_stack(cache, [c for _, c, _ in parts[1:]], width + max_new)
@@ -323,7 +356,7 @@ class TorchEngine:
         for _, _, part_mask in parts:
             mask[row:row + len(part_mask), width - part_mask.shape[1]:] = part_mask
             row += len(part_mask)
-        return torch.cat([logits for logits, _, _ in parts]), cache, mask
+        return torch.cat([logits for logits, _, _ in parts]), cache, mask, shared
 
     def _start(self, prompts: list[list[int]], rows: list[int], max_new: int, cascade: bool) -> DecodeBatch:
         """Prefill rows' prompts (equal prompts adjacent: each distinct one is prefilled once) into a batch with room
@@ -340,24 +373,27 @@ class TorchEngine:
                 distinct.append(p)
             fan_out.append(len(distinct) - 1)
         samples_share = cascade and len(distinct) < len(prompts)
-        logits, cache, mask = self._prefill(distinct, 0 if samples_share else max_new)
+        logits, cache, mask, shared = self._prefill(distinct, 0 if samples_share else max_new,
+                                                    prefix_apart=cascade and not samples_share)
         self.stats["prefills"] += 1
         device = mask.device
         fan = torch.tensor(fan_out, device=device)
         next_pos = torch.tensor([len(p) for p in prompts], device=device)  # positions count real tokens only
         if samples_share:
-            shared_mask = None if bool(mask.all()) else additive_mask(mask[:, None, None, :].bool(),
-                                                                      cache.layers[0].keys.dtype)
-            shared = SharedPrompts([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
-                                   shared_mask)
             return DecodeBatch(rows, cache_empty_rows(cache, len(prompts), max_new),
                                torch.zeros(len(prompts), max_new, dtype=torch.long, device=device), 0, next_pos,
-                               logits[fan], SharedKV([shared], [(0, u) for u in fan_out]))
+                               logits[fan], SharedKV([_shared_prompts(cache, mask)], [(0, u) for u in fan_out]))
+        if shared is not None:
+            # Prompts read their group's prefix (fan_out is the identity here): a group's rows adjacent make the
+            # cascade's per-step gathers plain slices (SharedKV.plan).
+            order = sorted(range(len(prompts)), key=lambda i: (shared.row_prompt[i][1], i))
+            shared.row_prompt = [shared.row_prompt[i] for i in order]
+            rows, fan, next_pos = [rows[i] for i in order], torch.tensor(order, device=device), next_pos[order]
         width = mask.shape[1]
         cache_select(cache, fan)
         mask_buf = torch.zeros(len(prompts), width + max_new, dtype=torch.long, device=device)
         mask_buf[:, :width] = mask[fan]
-        return DecodeBatch(rows, cache, mask_buf, width, next_pos, logits[fan])
+        return DecodeBatch(rows, cache, mask_buf, width, next_pos, logits[fan], shared)
 
     def _decode(self, prompts: list[list[int]], row_ids: list[int], max_new: int, temperature: float,
                 top_p: float, stop_strings: StopStrings, seed: int, ignore_eos: bool,

@@ -53,24 +53,29 @@ def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _cascade_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, scaling: float | None, plan) -> torch.Tensor:
+    """`cascade_attention` in transformers' calling convention: query (B, H, 1, D), key/value (B, Hkv, kv, D),
+    attention_mask (B, 1, 1, kv) bool or None. Returns (B, 1, H, D)."""
+    b, h, _, d = query.shape
+    folded = query.reshape(b, key.shape[1], h // key.shape[1], d)  # query head j * groups + g reads K/V head j
+    if attention_mask is not None:  # the kernel takes an additive mask of the query's dtype
+        attention_mask = additive_mask(attention_mask, query.dtype)
+    return cascade_attention(module.layer_idx, folded, key, value, attention_mask, scaling, plan).reshape(b, 1, h, d)
+
+
+def cascade_attention(layer: int, folded: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None, plan) -> torch.Tensor:
     """One decode step's attention over each row's own K/V plus its prompt's K/V, which the prompt's sample rows
     share (grpo/kv_cache.SharedKV) and which is read once for all of them (cascade attention, as in FlashInfer).
 
-    query (B, H, 1, D); key/value (B, Hkv, kv, D): the rows' own caches (their completions so far, the newest token
-    included); attention_mask (B, 1, 1, kv) bool or None; plan: SharedKV.plan(). Returns (B, 1, H, D). Softmax over
-    the union of both key sets is recovered from the two partial attentions and their log-sum-exps:
-    out = w * out_own + (1 - w) * out_prompt with w = sigmoid(lse_own - lse_prompt). CPU only (the op that returns
-    the log-sum-exp is the CPU flash kernel's).
+    folded (B, Hkv, groups, D): each K/V head's query group; key/value (B, Hkv, kv, D): the rows' own caches (their
+    completions so far, the newest token included) in layer `layer`; attention_mask (B, 1, 1, kv) additive or None;
+    plan: SharedKV.plan(). Returns (B, Hkv, groups, D). Softmax over the union of both key sets is recovered from the
+    two partial attentions and their log-sum-exps: out = w * out_own + (1 - w) * out_prompt with
+    w = sigmoid(lse_own - lse_prompt). CPU only (the op that returns the log-sum-exp is the CPU flash kernel's).
     """
-    b, h, _, d = query.shape
-    kv_heads = key.shape[1]
-    groups = h // kv_heads
-    folded = query.reshape(b, kv_heads, groups, d)  # query head j * groups + g reads K/V head j, as in repeat_kv
-    if attention_mask is not None:  # the kernel takes an additive mask of the query's dtype
-        attention_mask = additive_mask(attention_mask, query.dtype)
+    b, kv_heads, groups, d = folded.shape
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     out, lse = flash(folded, key, value, attn_mask=attention_mask, scale=scaling)
-    layer = module.layer_idx
     for shared, m, gather, valid, rows in plan:
         keys = shared.keys[layer]
         u = keys.shape[0]
@@ -83,7 +88,7 @@ def _cascade_decode_attention(module: torch.nn.Module, query: torch.Tensor, key:
             part, part_lse = part[valid], part_lse[valid]
         own_weight = torch.sigmoid(lse[rows] - part_lse)[..., None].to(part.dtype)
         out[rows] = part + own_weight * (out[rows] - part)
-    return out.reshape(b, 1, h, d)
+    return out
 
 
 AttentionInterface.register(GQA_SDPA, _sdpa_gqa_attention)
