@@ -15,9 +15,8 @@ TorchEngine runs the very `nn.Module` being trained (no weight copies, so `updat
      runs fixed chunks (as many rows as `rows_that_fit` an empty batch) one after another.
 Attention runs SDPA with native grouped-query support even when a padding mask is present (grpo/gqa_attention.py).
 On CPU a prompt's n samples (n > 1) share one copy of its K/V, which decode attention reads once per step for all of
-them and merges with each row's own K/V by log-sum-exp (cascade attention: `SharedKV`, `cascade_attention`): less
-memory traffic per step, and each row costs the KV budget 1/n of its prompt, so more rows run at once. At n = 1 the
-prompts of a prefix group share that prefix's K/V the same way (their rows hold only their own suffixes).
+them and merges with each row's own K/V by log-sum-exp (cascade attention: `SharedKV`, `cascade_attention`):
+less memory traffic per step, and each row costs the KV budget 1/n of its prompt, so more rows run at once.
 Sampling (grpo/sampling.py) draws per-row seeded noise, so a row's output does not depend on batch composition.
 On CPU the weights run through oneDNN copies packed at the start of the call (a decode step multiplies a few rows by
 every matrix, where the default GEMM's per-call repacking costs more than the arithmetic); packs are rebuilt each
@@ -43,9 +42,8 @@ from grpo.distributed import fsdp_unsharded
 from grpo.fast_decode import LeanDecoder, unsupported_reason
 from grpo.gqa_attention import GQA_SDPA, additive_mask, gqa_attention
 from grpo.guide import Guide, GuidedRows
-from grpo.kv_cache import (DecodeBatch, SharedKV, SharedPrompts, cache_copy_rows, cache_drop_leading,
-                            cache_empty_rows, cache_select, cache_stack, new_cache, padded_positions,
-                            plain_full_attention)
+from grpo.kv_cache import (DecodeBatch, SharedKV, SharedPrompts, cache_copy_rows, cache_empty_rows, cache_select,
+                            cache_stack, new_cache, padded_positions, plain_full_attention)
 from grpo.packed_linear import packed_linears
 from grpo.sampling import StopStrings, exponential_noise, row_generators, sample_next_tokens
 
@@ -189,13 +187,6 @@ def _check_args(prompts, n, max_new_tokens, temperature, top_p, stop) -> None:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
 
 
-def _shared_prompts(cache: DynamicCache, mask: torch.Tensor) -> SharedPrompts:
-    """A prefill's K/V (rows = prompts or prefixes, left padded as `mask` (U, W) says) as cascade attention's
-    shared block."""
-    keep = None if bool(mask.all()) else additive_mask(mask[:, None, None, :].bool(), cache.layers[0].keys.dtype)
-    return SharedPrompts([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], keep)
-
-
 class TorchEngine:
     """Batched KV-cached sampling on the training module itself. See the module docstring."""
 
@@ -293,9 +284,8 @@ class TorchEngine:
                          past_key_values=cache, use_cache=True, **self._forward_kwargs, **extra)
         return out.logits[:, -1, :].float()
 
-    def _prefill(self, prompts: list[list[int]], max_new: int, prefix_apart: bool = False
-                 ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, SharedKV | None]:
-        """Feed distinct prompts: (last-position logits (U, V), their KV cache, attention mask (U, width), None).
+    def _prefill(self, prompts: list[list[int]], max_new: int) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """Feed distinct prompts: (last-position logits (U, V), their KV cache, attention mask (U, width)).
 
         Prompts that start alike (`prefix_groups`: a shared system prompt, instructions, few-shot examples) have
         that prefix run once per group, and only their own suffixes run on top, as vLLM's prefix caching would.
@@ -303,8 +293,6 @@ class TorchEngine:
         nothing but the work done. (The KV cache is then up to the longest prefix + longest suffix wide, at most
         twice the chunk's planned prompt width.) The suffixes (whole prompts when nothing is shared) run in runs of
         similar length (`length_buckets`), stacked afterwards, so a few long ones do not pad all the others.
-        With `prefix_apart` (cascade attention) and a shared prefix, the cache keeps only the suffixes, and the
-        group prefixes come back as a SharedKV that the rows read at each decode step (one copy per group).
         """
         pad, device = self.pad_token_id, self._device()
         plain = plain_full_attention(self.model)
@@ -338,16 +326,9 @@ class TorchEngine:
                 cache = cache_copy_rows(prefix_cache, fan, prefix_ids.shape[1] + ids.shape[1] + room)
                 positions = prefix_mask[fan].sum(-1, keepdim=True) + positions
                 mask = torch.cat([prefix_mask[fan], mask], dim=1)
-            logits = self._logits(ids, mask, positions, cache)
-            if prefix_cache is not None and prefix_apart:
-                cache_drop_leading(cache, prefix_ids.shape[1])  # a view: the prefix stays in prefix_cache
-                mask = mask[:, prefix_ids.shape[1]:]
-            parts.append((logits, cache, mask))
-        shared = None
-        if prefix_cache is not None and prefix_apart:
-            shared = SharedKV([_shared_prompts(prefix_cache, prefix_mask)], [(0, g) for g in group_of])
+            parts.append((self._logits(ids, mask, positions, cache), cache, mask))
         if len(parts) == 1:
-            return *parts[0], shared
+            return parts[0]
         width = max(mask.shape[1] for _, _, mask in parts)
         cache = parts[0][1]
         cache_stack(cache, [c for _, c, _ in parts[1:]], width + max_new)
@@ -356,7 +337,7 @@ class TorchEngine:
         for _, _, part_mask in parts:
             mask[row:row + len(part_mask), width - part_mask.shape[1]:] = part_mask
             row += len(part_mask)
-        return torch.cat([logits for logits, _, _ in parts]), cache, mask, shared
+        return torch.cat([logits for logits, _, _ in parts]), cache, mask
 
     def _start(self, prompts: list[list[int]], rows: list[int], max_new: int, cascade: bool) -> DecodeBatch:
         """Prefill rows' prompts (equal prompts adjacent: each distinct one is prefilled once) into a batch with room
@@ -373,27 +354,24 @@ class TorchEngine:
                 distinct.append(p)
             fan_out.append(len(distinct) - 1)
         samples_share = cascade and len(distinct) < len(prompts)
-        logits, cache, mask, shared = self._prefill(distinct, 0 if samples_share else max_new,
-                                                    prefix_apart=cascade and not samples_share)
+        logits, cache, mask = self._prefill(distinct, 0 if samples_share else max_new)
         self.stats["prefills"] += 1
         device = mask.device
         fan = torch.tensor(fan_out, device=device)
         next_pos = torch.tensor([len(p) for p in prompts], device=device)  # positions count real tokens only
         if samples_share:
+            shared_mask = None if bool(mask.all()) else additive_mask(mask[:, None, None, :].bool(),
+                                                                      cache.layers[0].keys.dtype)
+            shared = SharedPrompts([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
+                                   shared_mask)
             return DecodeBatch(rows, cache_empty_rows(cache, len(prompts), max_new),
                                torch.zeros(len(prompts), max_new, dtype=torch.long, device=device), 0, next_pos,
-                               logits[fan], SharedKV([_shared_prompts(cache, mask)], [(0, u) for u in fan_out]))
-        if shared is not None:
-            # Prompts read their group's prefix (fan_out is the identity here): a group's rows adjacent make the
-            # cascade's per-step gathers plain slices (SharedKV.plan).
-            order = sorted(range(len(prompts)), key=lambda i: (shared.row_prompt[i][1], i))
-            shared.row_prompt = [shared.row_prompt[i] for i in order]
-            rows, fan, next_pos = [rows[i] for i in order], torch.tensor(order, device=device), next_pos[order]
+                               logits[fan], SharedKV([shared], [(0, u) for u in fan_out]))
         width = mask.shape[1]
         cache_select(cache, fan)
         mask_buf = torch.zeros(len(prompts), width + max_new, dtype=torch.long, device=device)
         mask_buf[:, :width] = mask[fan]
-        return DecodeBatch(rows, cache, mask_buf, width, next_pos, logits[fan], shared)
+        return DecodeBatch(rows, cache, mask_buf, width, next_pos, logits[fan])
 
     def _decode(self, prompts: list[list[int]], row_ids: list[int], max_new: int, temperature: float,
                 top_p: float, stop_strings: StopStrings, seed: int, ignore_eos: bool,
