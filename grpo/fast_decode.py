@@ -136,15 +136,36 @@ class LeanDecoder:
         in `cache` already: TorchEngine's DynamicCache of PreallocatedLayers, appended to here); position_ids (B, q);
         shared: SharedKV or None (one-token steps only: cascade attention over prompts stored once).
         """
+        q = input_ids.shape[1]
+        # A one-token step's elementwise ops (norms, rotary, SiLU, residuals) are too small to repay waking a second
+        # thread (~40 us per op with OMP_WAIT_POLICY=PASSIVE: an RMSNorm over 64 rows takes 220 us on 2 threads and
+        # 22 on one), so they run on one; matmuls and attention get every thread (`wide`).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if q == 1 else threads)
+        try:
+            return self._forward(input_ids, attention_mask, position_ids, cache, shared, threads)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, shared, threads: int) -> torch.Tensor:
         b, q = input_ids.shape
         h, hkv, d = self.heads, self.kv_heads, self.head_dim
+        few = torch.get_num_threads()
+
+        def wide(op, *args, **kwargs):
+            torch.set_num_threads(threads)
+            try:
+                return op(*args, **kwargs)
+            finally:
+                torch.set_num_threads(few)
+
         hidden = self.embed(input_ids)                                            # (B, q, E)
         cos, sin = (t[:, :, None] for t in self.rotary(hidden, position_ids))   # (B, q, 1, D)
         mask = _additive_mask(attention_mask, q, hidden.dtype)
         plan = shared.plan(input_ids.device) if shared is not None else None
         for index, (layer, kv) in enumerate(zip(self.layers, cache.layers)):
             x = F.rms_norm(hidden, (hidden.shape[-1],), layer.norm_in, layer.eps)
-            qkv = _linear(x, layer.qkv, layer.qkv_bias)                           # (B, q, (H + 2 Hkv) D)
+            qkv = wide(_linear, x, layer.qkv, layer.qkv_bias)                     # (B, q, (H + 2 Hkv) D)
             qk = qkv[..., :(h + hkv) * d].view(b, q, h + hkv, d)
             qk = qk * cos + _rotate_half(qk) * sin                                # rotary on q and k at once
             keys, values = kv.update(qk[:, :, h:].transpose(1, 2),
@@ -154,19 +175,20 @@ class LeanDecoder:
                 # j, as in transformers' repeat_kv): every K/V head is read once for its whole group.
                 folded = qk[:, 0, :h].reshape(b, hkv, h // hkv, d)
                 if plan is not None:
-                    out = gqa_attention.cascade_attention(index, folded, keys, values, mask, self.scaling, plan)
+                    out = wide(gqa_attention.cascade_attention, index, folded, keys, values, mask, self.scaling,
+                               plan)
                 else:
-                    out = _flash(folded, keys, values, attn_mask=mask, scale=self.scaling)[0]
+                    out = wide(_flash, folded, keys, values, attn_mask=mask, scale=self.scaling)[0]
             else:
                 out = F.scaled_dot_product_attention(qk[:, :, :h].transpose(1, 2), keys, values, attn_mask=mask,
                                                      scale=self.scaling, enable_gqa=True).transpose(1, 2)
-            hidden = hidden + _linear(out.reshape(b, q, h * d), layer.o, layer.o_bias)
+            hidden = hidden + wide(_linear, out.reshape(b, q, h * d), layer.o, layer.o_bias)
             x = F.rms_norm(hidden, (hidden.shape[-1],), layer.norm_post, layer.eps)
-            gate_up = _linear(x, layer.gate_up, None)
+            gate_up = wide(_linear, x, layer.gate_up, None)
             inner = gate_up.shape[-1] // 2
-            hidden = hidden + _linear(F.silu(gate_up[..., :inner]) * gate_up[..., inner:], layer.down, None)
+            hidden = hidden + wide(_linear, F.silu(gate_up[..., :inner]) * gate_up[..., inner:], layer.down, None)
         last = F.rms_norm(hidden[:, -1], (hidden.shape[-1],), *self.final_norm)
-        return _linear(last, self.head, None)
+        return wide(_linear, last, self.head, None)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ def sample_next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
         tokens = logits.argmax(dim=-1)
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
         return tokens, logprobs
-    logp = torch.log_softmax(logits / temperature, dim=-1)
+    logp = torch.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)
     probs = logp.exp()
     if top_p < 1.0:
         # Nucleus: keep the most likely tokens until their mass reaches top_p. A token is kept when the mass strictly
@@ -63,7 +63,7 @@ def sample_next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
         drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
-    tokens = (probs / noise).argmax(dim=-1)  # exponential race; dropped (zero-mass) tokens score 0 and never win
+    tokens = probs.div_(noise).argmax(dim=-1)  # exponential race; dropped (zero-mass) tokens score 0, never win
     logprobs = logp.gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logprobs
 
