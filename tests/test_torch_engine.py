@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from grpo.engine import Rollout, TorchEngine, length_buckets, prefix_groups, rows_that_fit  # noqa: E402
+from grpo.batch_plan import length_buckets, prefix_groups, rows_that_fit  # noqa: E402
+from grpo.engine import Rollout, TorchEngine  # noqa: E402
 from grpo.guide import Steer  # noqa: E402
 from grpo.kv_cache import padded_positions  # noqa: E402
 from grpo.models import tiny_llama  # noqa: E402
