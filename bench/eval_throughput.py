@@ -31,6 +31,17 @@ Tagged (`--format tagged --limit 1000 --max_new 48 --before_batch 64 --batch 256
 3008 decode steps, 64 rows at most); the after run was stopped unfinished at 30 min (its first 8 shared the cores with
 the test suite): no gain shown. Each before chunk ran ~47 of its 48 possible steps (3008 over 64 calls), so almost
 every chunk held an answer that reached the cap; why the after run was no faster is not established.
+Tagged again on 100 sentences (`--format tagged --limit 100 --max_new 48 --before_batch 64 --batch 256 --repeats
+1`, 2026-12-05 01:33-01:40 UTC, idle, both modes with the engine's own Llama forward, grpo/fast_decode.py): 400
+prompts of 186-496 tokens, 16,131 answer tokens, 230 answers cut at 48, the same 400 answers in both modes:
+
+| mode | prompts per call | wall s | answer tok/s | sentences/s | prefills / joins | decode steps | peak rows |
+|---|---|---|---|---|---|---|---|
+| before | 64 | 213.5 | 75.6 | 0.47 | 8 / 0 | 376 | 64 |
+| after | 256 | 171.3 | 94.1 | 0.58 | 9 / 7 | 269 | 107 |
+
+1.25x: 269 decode steps instead of 376, with up to 107 rows at once (the budget fits more rows of the shorter
+prompts once the longest have finished). Not yet re-run on 1,000 sentences (about an hour for both modes).
 
 Earlier (2026-12-04 11:20, 64 sentences, 64 prompts per call in both modes, shared CPU): at the default budget a
 call fitted one batch and nothing waited; at max_batch_tokens 8192 continuous batching saved 7% of the decode steps
