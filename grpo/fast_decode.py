@@ -95,17 +95,15 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 
 class LeanDecoder:
-    """One-token forward over TorchEngine's cache with weights packed at construction (see the module docstring).
-
-    Build it where the weights will not change while it lives (TorchEngine builds one per generate call).
-    """
+    """The model's forward (prefills and one-token steps) over TorchEngine's cache, with weights packed at
+    construction (see the module docstring). Build it where the weights will not change while it lives: TorchEngine
+    builds one per generate call."""
 
     def __init__(self, model: nn.Module):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"LeanDecoder cannot run this model: {reason}")
         config = model.config
-        self.model = model
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
