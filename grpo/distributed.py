@@ -13,6 +13,7 @@ the same code is correct with one process (where the global count is the local c
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -80,11 +81,15 @@ def cleanup() -> None:
     """Destroy the process group (call once at the end of training; safe without one).
 
     The barrier first: a rank that tears gloo down while a peer still has a collective in flight (e.g. the
-    rank-0 state-dict gather) was seen aborting with "terminate called without an active exception".
+    rank-0 state-dict gather) was seen aborting with "terminate called without an active exception". The collection
+    last: objects that still hold the group (FSDP's device mesh in reference cycles) were otherwise freed during
+    interpreter shutdown, where gloo's threads abort the same way (a 2-rank CPU update under load: 2 of 4 and 1 of 14
+    runs aborted without it, 0 of 24 with it).
     """
     if is_dist():
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def _comm_device() -> torch.device:
