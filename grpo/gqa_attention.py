@@ -2,6 +2,8 @@
 
 transformers' sdpa path materialises repeated K/V every layer and step when a mask is present, which dominates CPU
 decode time at long contexts. `gqa_attention(model)` routes an sdpa model through `_sdpa_gqa_attention` instead.
+`cascade_attention` (a prompt's samples reading one shared copy of its K/V) serves both that path and
+grpo/fast_decode.py's forward.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ GEMM repacks the weight panel on every call, which for small M costs more than t
 211 weight matrices it streams 4-5 GB/s at M = 8-32 where a plain `sum()` reads ~15. oneDNN with each weight
 reordered once into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the layout inductor's CPU
 freezing pass uses) skips that work: 1.8x faster at M = 8, 1.7x at M = 32, 1.2x at M = 256, no gain at M = 1
-(bench/packed_linear.py). Full training-sized forwards (M in the thousands) gain nothing, so only the engine uses it.
+(bench/packed_linear.py). Full training-sized forwards (M in the thousands) gain nothing, so only the engine uses it
+(and for fp32 Llama-family models it packs fused q/k/v and gate/up matrices itself instead: grpo/fast_decode.py).
 Results differ from `F.linear` by fp32 accumulation order only (~1e-6 relative).
 
 `packed_linears(model)` packs each plain `nn.Linear`'s current weight on entry (one read + write of the weights,
