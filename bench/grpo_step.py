@@ -87,7 +87,11 @@ own forward for Llama-family models (grpo/fast_decode.py):
 | this project | 20.37 | 75.4 | 280.49 | 144.0 | 6800 | 0.001829 | 20.57 / 20.18 |
 | TRL GRPOTrainer 1.16.0 | 64.26 | 23.9 | 88.92 | 45.7 | 9010 | 0.001829 | 63.30 / 65.23 |
 
-Speed project / TRL: 3.15x (the issue's 3x met); memory 0.75; |loss difference| 1.49e-08.
+Speed project / TRL: 3.15x; memory 0.75; |loss difference| 1.49e-08. The same command again at 02:05-02:11 UTC
+(load average 1.2 at the start, 1.8 at the end, matmul peak 205 GFLOP/s): project 21.80 s (21.56 / 22.04), TRL
+63.18 s (63.11 / 63.24): 2.90x, memory 0.77. Over both runs the ratio is 2.90-3.15x (medians of the four timed steps:
+21.07 vs 63.27 s, 3.00x): at the issue's 3x, not clearly above it. (A run in between, 2.01x, is discarded: a
+benchmark of mine still loaded both cores during its project half.)
 """
 from __future__ import annotations
 
