@@ -28,19 +28,12 @@ import torch.nn.functional as F
 from grpo import gqa_attention
 from grpo.gqa_attention import additive_mask
 from grpo.kv_cache import plain_full_attention
+from grpo.packed_linear import pack_weight, packed_matmul, packing_available
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-
-
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 8)
-
-
-def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
@@ -67,7 +60,6 @@ class _Layer:
 
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why `LeanDecoder` cannot run this model, or None when it can."""
-    from grpo.packed_linear import packing_available
     config = getattr(model, "config", None)
     arch = type(model).__name__
     if not any(cls.__name__ in ARCHITECTURES for cls in type(model).__mro__):  # FSDP2 subclasses the model's class
@@ -110,18 +102,18 @@ class LeanDecoder:
         self.embed = model.model.embed_tokens
         self.rotary = model.model.rotary_emb
         self.final_norm = (model.model.norm.weight.detach(), model.model.norm.variance_epsilon)
-        self.head = _pack(model.lm_head.weight)
+        self.head = pack_weight(model.lm_head.weight)
         self.scaling = model.model.layers[0].self_attn.scaling
         self.layers = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
-                qkv=_pack(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
+                qkv=pack_weight(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
                 qkv_bias=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
-                o=_pack(attn.o_proj.weight),
+                o=pack_weight(attn.o_proj.weight),
                 o_bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
-                gate_up=_pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                down=_pack(mlp.down_proj.weight),
+                gate_up=pack_weight(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                down=pack_weight(mlp.down_proj.weight),
                 norm_in=layer.input_layernorm.weight.detach(),
                 norm_post=layer.post_attention_layernorm.weight.detach(),
                 eps=layer.input_layernorm.variance_epsilon))
@@ -163,7 +155,7 @@ class LeanDecoder:
         plan = shared.plan(input_ids.device) if shared is not None else None
         for index, (layer, kv) in enumerate(zip(self.layers, cache.layers)):
             x = F.rms_norm(hidden, (hidden.shape[-1],), layer.norm_in, layer.eps)
-            qkv = wide(_linear, x, layer.qkv, layer.qkv_bias)                     # (B, q, (H + 2 Hkv) D)
+            qkv = wide(packed_matmul, x, layer.qkv, layer.qkv_bias)                     # (B, q, (H + 2 Hkv) D)
             qk = qkv[..., :(h + hkv) * d].view(b, q, h + hkv, d)
             qk = qk * cos + _rotate_half(qk) * sin                                # rotary on q and k at once
             keys, values = kv.update(qk[:, :, h:].transpose(1, 2),
@@ -180,13 +172,13 @@ class LeanDecoder:
             else:
                 out = F.scaled_dot_product_attention(qk[:, :, :h].transpose(1, 2), keys, values, attn_mask=mask,
                                                      scale=self.scaling, enable_gqa=True).transpose(1, 2)
-            hidden = hidden + wide(_linear, out.reshape(b, q, h * d), layer.o, layer.o_bias)
+            hidden = hidden + wide(packed_matmul, out.reshape(b, q, h * d), layer.o, layer.o_bias)
             x = F.rms_norm(hidden, (hidden.shape[-1],), layer.norm_post, layer.eps)
-            gate_up = wide(_linear, x, layer.gate_up, None)
+            gate_up = wide(packed_matmul, x, layer.gate_up, None)
             inner = gate_up.shape[-1] // 2
-            hidden = hidden + wide(_linear, F.silu(gate_up[..., :inner]) * gate_up[..., inner:], layer.down, None)
+            hidden = hidden + wide(packed_matmul, F.silu(gate_up[..., :inner]) * gate_up[..., inner:], layer.down, None)
         last = F.rms_norm(hidden[:, -1], (hidden.shape[-1],), *self.final_norm)
-        return wide(_linear, last, self.head, None)
+        return wide(packed_matmul, last, self.head, None)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -51,10 +51,20 @@ def _packable(module: nn.Module) -> bool:
             and (module.bias is None or module.bias.dtype == weight.dtype))
 
 
+def pack_weight(weight: torch.Tensor, batch_hint: int = 8) -> torch.Tensor:
+    """A (N, K) weight reordered into oneDNN's blocked layout for `packed_matmul`; batch_hint: the M it is tuned for."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+
+
+def packed_matmul(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) -> x @ W.T + b (..., N) with W packed by `pack_weight`: what `F.linear` returns, up to round-off."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
 def packed_forward(packed_weight: torch.Tensor, bias: torch.Tensor | None):
-    """x (..., K) -> x @ W.T + b (..., N) with W prepacked: what `nn.Linear.forward` returns, up to round-off."""
+    """An `nn.Linear.forward` replacement running `packed_matmul` on a prepacked weight."""
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+        return packed_matmul(x, packed_weight, bias)
     return forward
 
 
@@ -77,7 +87,7 @@ def packed_linears(model: nn.Module, enabled: bool = True, batch_hint: int = 8) 
                 continue
             key = id(module.weight)
             if key not in packs:
-                packs[key] = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), batch_hint)
+                packs[key] = pack_weight(module.weight, batch_hint)
             module.forward = packed_forward(packs[key], None if module.bias is None else module.bias.detach())
             patched.append(module)
         yield len(patched)
