@@ -46,7 +46,7 @@ from grpo.guide import Guide, GuidedRows
 from grpo.kv_cache import (DecodeBatch, SharedKV, SharedPrompts, cache_copy_rows, cache_empty_rows, cache_select,
                             cache_stack, new_cache, padded_positions, plain_full_attention)
 from grpo.packed_linear import packed_linears
-from grpo.sampling import StopStrings, exponential_noise, row_generators, sample_next_tokens
+from grpo.sampling import StopStrings, row_generators, sample_next_tokens
 
 
 @dataclass
@@ -355,9 +355,8 @@ class TorchEngine:
                     self.stats["joins"] += 1
                 queued += take
                 self.stats["peak_rows"] = max(self.stats["peak_rows"], len(batch.rows))
-            noise = exponential_noise([generators[r] for r in batch.rows], batch.logits.shape[-1],
-                                      batch.logits.device) if temperature > 0 else None
-            tokens, token_logprobs = sample_next_tokens(batch.logits, temperature, top_p, noise)
+            tokens, token_logprobs = sample_next_tokens(
+                batch.logits, temperature, top_p, [generators[r] for r in batch.rows] if temperature > 0 else None)
             if guided is not None:
                 guided.force(batch.rows, batch.logits, tokens, token_logprobs, temperature)
             token_list, logprob_list = tokens.tolist(), token_logprobs.tolist()

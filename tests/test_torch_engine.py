@@ -23,7 +23,7 @@ from grpo.engine import Rollout, TorchEngine  # noqa: E402
 from grpo.guide import Steer  # noqa: E402
 from grpo.kv_cache import padded_positions  # noqa: E402
 from grpo.models import tiny_llama  # noqa: E402
-from grpo.sampling import exponential_noise, row_generators, sample_next_tokens  # noqa: E402
+from grpo.sampling import row_generators, sample_next_tokens  # noqa: E402
 
 CHATS = ["Hi", "Name the capital of France in one word.",
          "Find every person entity in the sentence and list them: West Indian all-rounder Phil Simmons took four "
@@ -142,8 +142,7 @@ def test_sampling_frequencies_follow_the_nucleus():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     rows = 20000
     logits = probs.log().expand(rows, 4)
-    noise = exponential_noise(row_generators(0, list(range(rows))), 4)
-    tokens, logprobs = sample_next_tokens(logits, 1.0, 0.7, noise)
+    tokens, logprobs = sample_next_tokens(logits, 1.0, 0.7, row_generators(0, list(range(rows))))
     # Mass before token 1 is .5 < .7 (kept), before token 2 is .8 >= .7 (dropped): nucleus {0, 1} renormalised to
     # .5/.8 = .625 and .3/.8 = .375. Binomial sd = sqrt(.625 * .375 / 20000) = .0034; allow 4 sd.
     counts = torch.bincount(tokens, minlength=4).float() / rows
@@ -154,9 +153,31 @@ def test_sampling_frequencies_follow_the_nucleus():
     assert torch.allclose(logprobs, expected, atol=1e-6)
     # Temperature 2 flattens to p^(1/2) / sum = [.379, .294, .208, .120] with no truncation; sd <= .0035.
     flat = probs.sqrt() / probs.sqrt().sum()
-    tokens, _ = sample_next_tokens(logits, 2.0, 1.0, noise)
+    tokens, _ = sample_next_tokens(logits, 2.0, 1.0, row_generators(1, list(range(rows))))
     counts = torch.bincount(tokens, minlength=4).float() / rows
     assert (counts - flat).abs().max().item() < 4 * 0.0035
+
+
+def test_two_stage_race_draws_every_token_at_its_probability():
+    # 3 candidates hold .6 of the mass; the other 7 tokens .4, so the tail branch runs for ~40% of the rows.
+    probs = torch.tensor([0.1, 0.3, 0.08, 0.2, 0.07, 0.06, 0.1, 0.05, 0.03, 0.01])
+    rows = 40000
+    tokens, logprobs = sample_next_tokens(probs.log().expand(rows, 10), 1.0, 1.0,
+                                          row_generators(7, list(range(rows))), candidates=3)
+    # Binomial sd = sqrt(p (1 - p) / 40000) <= .0023 for every token; allow 4 sd.
+    counts = torch.bincount(tokens, minlength=10).float() / rows
+    assert (counts - probs).abs().max().item() < 4 * 0.0023
+    assert torch.allclose(logprobs, probs.log()[tokens], atol=1e-6)
+
+
+def test_a_rows_sample_depends_only_on_its_logits_and_generator():
+    logits = torch.randn(12, 300) * 2
+    logits[3] = torch.full((300,), -50.0).index_fill_(0, torch.tensor([5]), 0.0)  # one token holds all the mass
+    together, _ = sample_next_tokens(logits, 1.0, 1.0, row_generators(3, list(range(12))), candidates=8)
+    alone = [sample_next_tokens(logits[r:r + 1], 1.0, 1.0, row_generators(3, [r]), candidates=8)[0].item()
+             for r in range(12)]
+    assert together.tolist() == alone
+    assert together[3].item() == 5
 
 
 def test_rows_that_fit_respects_the_budget():
