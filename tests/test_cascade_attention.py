@@ -29,7 +29,8 @@ def setup(smollm2_tokenizer):
     """(model, tokenizer, eos ids that end seeded n=3 samples at varied steps)."""
     model = peaked_tiny_llama(len(smollm2_tokenizer)).eval()
     plain = TorchEngine(model, smollm2_tokenizer, eos_token_ids=[], continuous=False)
-    sampled = plain.generate(PROMPTS, n=3, max_new_tokens=MAX_NEW, temperature=1.0, seed=3)
+    # Seed 1: its samples give EOS tokens under which the test's call has joins, departures and a higher peak.
+    sampled = plain.generate(PROMPTS, n=3, max_new_tokens=MAX_NEW, temperature=1.0, seed=1)
     return model, smollm2_tokenizer, eos_for_varied_lengths([r.completion_ids for r in sampled])
 
 

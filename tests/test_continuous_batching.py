@@ -38,14 +38,15 @@ def eos_for_varied_lengths(completions: list[list[int]]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def setup(smollm2_tokenizer):
-    """(model, tokenizer, eos ids for greedy, eos ids for seeded sampling at n=2)."""
+    """(model, tokenizer, eos ids for greedy, {top_p: eos ids for seeded sampling at n=2})."""
     model = peaked_tiny_llama(len(smollm2_tokenizer)).eval()
     tok = smollm2_tokenizer
     plain = TorchEngine(model, tok, eos_token_ids=[], continuous=False)
     greedy = plain.generate(PROMPTS, max_new_tokens=MAX_NEW, temperature=0)
-    sampled = plain.generate(PROMPTS, n=2, max_new_tokens=MAX_NEW, temperature=1.0, top_p=0.95, seed=7)
+    sampled = {top_p: plain.generate(PROMPTS, n=2, max_new_tokens=MAX_NEW, temperature=1.0, top_p=top_p, seed=7)
+               for top_p in (0.95, 1.0)}
     return (model, tok, eos_for_varied_lengths([r.completion_ids for r in greedy]),
-            eos_for_varied_lengths([r.completion_ids for r in sampled]))
+            {top_p: eos_for_varied_lengths([r.completion_ids for r in rollouts]) for top_p, rollouts in sampled.items()})
 
 
 def both_paths(model, tok, eos, share_prefixes: bool = True, **kwargs):
@@ -75,10 +76,11 @@ def test_greedy_continuous_equals_chunked(setup, share_prefixes):
     assert engine.stats["joins"] > 0
 
 
-def test_seeded_sampling_continuous_equals_chunked(setup):
+@pytest.mark.parametrize("top_p", [0.95, 1.0])  # the nucleus race and the two-stage race
+def test_seeded_sampling_continuous_equals_chunked(setup, top_p):
     """n = 2: a prompt's samples share one prefill (also when they join a running batch), each its own RNG row."""
     model, tok, _, eos = setup
-    old, new, engine = both_paths(model, tok, eos, n=2, temperature=1.0, top_p=0.95, seed=7)
+    old, new, engine = both_paths(model, tok, eos[top_p], n=2, temperature=1.0, top_p=top_p, seed=7)
     assert_same(old, new)
     assert len({len(r.completion_ids) for r in new}) >= 3
     assert engine.stats["joins"] > 0
@@ -88,7 +90,7 @@ def test_seeded_sampling_continuous_equals_chunked(setup):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_continuous_logprobs_match_teacher_forcing(setup, temperature):
     model, tok, greedy_eos, sampled_eos = setup
-    engine = TorchEngine(model, tok, max_batch_tokens=BUDGET, eos_token_ids=sampled_eos if temperature else greedy_eos)
+    engine = TorchEngine(model, tok, max_batch_tokens=BUDGET, eos_token_ids=sampled_eos[0.95] if temperature else greedy_eos)
     rollouts = engine.generate(PROMPTS, n=2, max_new_tokens=MAX_NEW, temperature=temperature, top_p=0.95, seed=7)
     assert engine.stats["joins"] > 0
     for r in rollouts:
