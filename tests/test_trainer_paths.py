@@ -161,7 +161,8 @@ def test_tis_weights_are_one_on_policy_and_fixed_across_epochs(tmp_path):
 
     (two,), _, _, _ = run_grpo(tmp_path / "mu2", mu=2, **common)
     # Averaged over the two updates: the first has ratio 1 everywhere, so the second's must have left it.
-    assert two["train/ratio_max"] > 1.05 and two["train/clip_frac"] > 0 and two["train/approx_kl"] > 0
+    # approx_kl is the mean of old_logp - logp (k1): non-zero once the policy moved, of either sign.
+    assert two["train/ratio_max"] > 1.05 and two["train/clip_frac"] > 0 and abs(two["train/approx_kl"]) > 1e-4
     for key in ("weight_mean", "logp_gap_abs_mean", "kl_k3"):
         assert two[f"train/correction/{key}"] == pytest.approx(one[f"train/correction/{key}"], rel=1e-5, abs=1e-12)
 
@@ -247,7 +248,7 @@ def test_batch_scaled_advantages_on_two_ranks_use_every_ranks_rewards(tmp_path):
         assert rank["history"][0]["train/grad_norm"] == pytest.approx(expected, rel=1e-4)
     own_std = hand_advantages(rewards[:8], 4, "batch") + hand_advantages(rewards[8:], 4, "batch")
     if_local = reference_grad_norm(tiny_policy(seed=0), rollouts, own_std, [True] * 16, "seq_mean", 12)
-    assert abs(if_local - expected) > 0.01 * expected  # the test can tell the two apart
+    assert abs(if_local - expected) > 20 * 1e-4 * expected  # the test can tell the two apart (20x its tolerance)
 
 
 # ------------------------------------------------------------------------------------ ReasoningNER's combination
