@@ -18,6 +18,7 @@ from grpo.config import option as _f
 from grpo.distributed import cleanup, init_distributed, shard_model, shard_trainable
 from grpo.engine_factory import build_engine
 from grpo.errors import UserError
+from grpo.host_memory import keep_freed_memory
 from grpo.grpo_config import GRPOConfig
 from grpo.models import check_model_spec, load_model, load_model_and_tokenizer, parse_dtype
 from grpo.rollout_io import tokenize_prompts
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     info = init_distributed()
     plan = plan_run(cfg, info)  # refuses a reused out_dir or a changed config before anything loads
     torch.manual_seed(cfg.seed)
+    if info.device.type == "cpu":  # else every step re-faults the pages it freed (grpo/host_memory.py)
+        memory = keep_freed_memory()
+        if info.rank == 0:
+            print(f"host memory: {memory}", flush=True)
 
     # fp32 master weights, compute in cfg.dtype (grpo.distributed.shard_trainable)
     policy, tokenizer = load_model_and_tokenizer(cfg.model, "float32", info.device)

@@ -25,6 +25,7 @@ from grpo.distributed import DistInfo  # noqa: E402
 from grpo.engine import TorchEngine  # noqa: E402
 from grpo.grpo_config import GRPOConfig  # noqa: E402
 from grpo.distributed import shard_trainable  # noqa: E402
+from grpo.host_memory import keep_freed_memory  # noqa: E402
 from grpo.models import load_model_and_tokenizer, parse_dtype  # noqa: E402
 from grpo.optim import build_optimizer, build_scheduler  # noqa: E402
 from grpo.rollout_io import tokenize_prompts  # noqa: E402
@@ -69,6 +70,8 @@ def make_loss_batch(policy, tok, prompt_ids: list[list[int]], engine: TorchEngin
 def main() -> None:
     args = common.side_args()
     torch.set_num_threads(common.THREADS)
+    if args.device == "cpu":  # as train_grpo.py does on CPU
+        keep_freed_memory()
     torch.manual_seed(0)
     chats, group = common.step_prompts(args)
     cfg = GRPOConfig(prompts_per_step=len(chats), group_size=group, max_completion_len=args.new,

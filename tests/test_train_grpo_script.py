@@ -26,6 +26,7 @@ def test_one_step_on_smollm2_writes_a_loadable_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The preset's all-types JSON format: one prompt per sentence, so the first 4 train sentences give 4 prompts.
     assert "4 prompts, 0 dropped" in proc.stdout + proc.stderr
+    assert "host memory: freed memory kept in the process" in proc.stdout  # grpo/host_memory.py ran
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and metrics[0]["step"] == 1
     # β > 0 built a reference model and μ = 2 recomputed π_old: both show up in the step's metrics.
