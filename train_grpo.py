@@ -18,8 +18,8 @@ from grpo.config import option as _f
 from grpo.distributed import cleanup, init_distributed, shard_model, shard_trainable
 from grpo.engine_factory import build_engine
 from grpo.errors import UserError
-from grpo.host_memory import keep_freed_memory
 from grpo.grpo_config import GRPOConfig
+from grpo.host_memory import keep_freed_memory
 from grpo.models import check_model_spec, load_model, load_model_and_tokenizer, parse_dtype
 from grpo.rollout_io import tokenize_prompts
 from grpo.run_dir import plan_run

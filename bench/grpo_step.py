@@ -92,6 +92,15 @@ Speed project / TRL: 3.15x; memory 0.75; |loss difference| 1.49e-08. The same co
 63.18 s (63.11 / 63.24): 2.90x, memory 0.77. Over both runs the ratio is 2.90-3.15x (medians of the four timed steps:
 21.07 vs 63.27 s, 3.00x): at the issue's 3x, not clearly above it. (A run in between, 2.01x, is discarded: a
 benchmark of mine still loaded both cores during its project half.)
+
+Re-measured 2026-12-05 on a 2-core Intel Xeon with AVX-512 and AMX (matmul peak 336-340 GFLOP/s), same command:
+03:23 UTC, before the project side kept freed host memory (grpo/host_memory.py, as train_grpo.py now does on CPU):
+project 25.92 s (26.24 / 25.61), TRL 62.79 s: 2.42x, memory 0.78. 03:54 UTC, after it (load average 0.9 at the start,
+1.7 at the end): project 20.71 s (21.62 / 19.79), TRL 63.15 s (63.82 / 62.48): 3.05x, memory 0.77, loss difference 0.
+The setting is glibc's, so TRL gains from it too when its process gets it through the environment: the TRL side alone
+under MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 (03:59 UTC) took 47.88 / 48.49 s per step at 9960 MiB
+VmHWM, i.e. 2.33x like for like. To compare that way, prefix the whole command with those two variables: both sides
+inherit them (the project side then leaves malloc to them).
 """
 from __future__ import annotations
 

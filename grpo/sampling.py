@@ -7,7 +7,8 @@ an inverse-CDF pick, the race is also robust to the ~1e-6 rounding differences t
 the logits: the pick only changes if the two best scores are that close, instead of whenever any of the 49k CDF
 boundaries moves past the uniform. At top_p = 1 the race runs in two stages (`_top_first_race`): first among a
 row's 64 most likely tokens, and over the rest only when a first uniform says the draw falls there, so a step costs
-65 random numbers per row instead of V (~3x less sampling time at 32 rows), with the same distribution.
+65 random numbers per row instead of V, with the same distribution (at 32 rows x 49k: 3.0 instead of 8.4 ms when no
+row falls in the tail; SmolLM2 rambling on with EOS suppressed falls there 21% of the time).
 
 Shapes: R = rows in the batch, V = vocabulary size.
 """
@@ -86,7 +87,8 @@ def _top_first_race(logp: torch.Tensor, generators: list[torch.Generator], candi
     winner lies in S with probability m. So each row draws U first: if U < m, race among S alone (given that the
     winner is in S it is distributed as p restricted to S); else race over the tokens outside S. Both branches are
     exact, so the mixture is p. Noise goes to S by rank, so logits that move by rounding (another batch shape) only
-    change a pick when the best tokens are near-tied, as with the full race; the rare tail branch pays for V draws.
+    change a pick when two candidates are near-tied and one of them wins, about as rarely as with the full race;
+    the tail branch pays for V draws.
     """
     rows, vocab = logp.shape
     k = min(candidates, vocab)
