@@ -70,6 +70,16 @@ M = 8). With oneDNN weights packed once per call (grpo/packed_linear.py, bench/p
 Prefill (~3.5-4 s for 8 prompts of ~215 tokens, compute-bound) is cut by prefix sharing: the bench's prompts cycle
 through 4 entity types, and the prompts of a type share 164-168 tokens (system prompt, instructions, few-shot
 examples), so 665 of 1727 prompt tokens are not re-run at 8 rows, and 4655 of 6622 at 32.
+
+Re-measured 2026-12-05 04:02-04:15 UTC on a 2-core Intel Xeon with AVX-512 and AMX (same command; fp32 matmul peak
+317 GFLOP/s; load average 1.3-1.9; vLLM start-up 17.8 s eager, 60.0 s compiled), after the two-stage sampler
+(grpo/sampling.py): 32 x 128: HF 76.8, TorchEngine 198.6 (2.58x HF, 16.9% of peak), vLLM eager 188.6 (0.95x
+TorchEngine), compiled 199.7 (1.01x); 8 x 128: HF 46.8, TorchEngine 89.4 (7.6%), eager 84.6 (0.95x), compiled 92.9
+(1.04x). A decode step here is bound by streaming the 538 MB of fp32 weights at ~12 GB/s (timed around the calls at
+32 rows: 124 ms per step = linears ~60, flash attention 38, the rest elementwise ops and Python; sampling 5.7 ms
+besides); hence the low share of the matmul peak. Sharing the type prefix's K/V at n = 1 through cascade attention
+was tried again: flash attention time fell 2.41 -> 1.98 s in a 32 x 64 call, but the merging ops (and the lost
+length order of the prefill runs) gave it back: 11.4 vs 11.0 s; dropped again.
 """
 from __future__ import annotations
 
