@@ -46,7 +46,8 @@ def setup(smollm2_tokenizer):
     sampled = {top_p: plain.generate(PROMPTS, n=2, max_new_tokens=MAX_NEW, temperature=1.0, top_p=top_p, seed=7)
                for top_p in (0.95, 1.0)}
     return (model, tok, eos_for_varied_lengths([r.completion_ids for r in greedy]),
-            {top_p: eos_for_varied_lengths([r.completion_ids for r in rollouts]) for top_p, rollouts in sampled.items()})
+            {top_p: eos_for_varied_lengths([r.completion_ids for r in rollouts])
+             for top_p, rollouts in sampled.items()})
 
 
 def both_paths(model, tok, eos, share_prefixes: bool = True, **kwargs):
@@ -90,7 +91,8 @@ def test_seeded_sampling_continuous_equals_chunked(setup, top_p):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_continuous_logprobs_match_teacher_forcing(setup, temperature):
     model, tok, greedy_eos, sampled_eos = setup
-    engine = TorchEngine(model, tok, max_batch_tokens=BUDGET, eos_token_ids=sampled_eos[0.95] if temperature else greedy_eos)
+    engine = TorchEngine(model, tok, max_batch_tokens=BUDGET,
+                         eos_token_ids=sampled_eos[0.95] if temperature else greedy_eos)
     rollouts = engine.generate(PROMPTS, n=2, max_new_tokens=MAX_NEW, temperature=temperature, top_p=0.95, seed=7)
     assert engine.stats["joins"] > 0
     for r in rollouts:
