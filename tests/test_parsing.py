@@ -78,12 +78,17 @@ def test_deep_nesting_and_non_strings_never_raise():
 
 # Round trips: an answer written the way ner.prompts writes gold answers (and the model is taught to) parses back
 # to exactly the entities it was written from, with a clean verdict. Texts are what each format can carry: tagged
-# items have no ", " (the separator) and no angle brackets; both formats strip items and drop empty ones.
-THINK = st.text(max_size=60).filter(lambda t: "<think>" not in t and "</think>" not in t)
+# items have no ", " (the separator) and no angle brackets; both formats strip items and drop empty ones. No text
+# holds a think tag: the answer starts after the last </think>, so neither format can carry one.
+def _no_think_tag(t: str) -> bool:
+    return "<think>" not in t and "</think>" not in t
+
+
+THINK = st.text(max_size=60).filter(_no_think_tag)
 TAGGED_ITEM = st.text(min_size=1, max_size=20).filter(
     lambda x: x == x.strip() and x and ", " not in x and "<" not in x and ">" not in x)
-JSON_ITEM = st.text(min_size=1, max_size=20).filter(lambda x: x == x.strip() and x)
-TYPE_NAME = st.text(min_size=1, max_size=12)
+JSON_ITEM = st.text(min_size=1, max_size=20).filter(lambda x: x == x.strip() and x and _no_think_tag(x))
+TYPE_NAME = st.text(min_size=1, max_size=12).filter(_no_think_tag)
 
 
 @settings(max_examples=200, deadline=None)
