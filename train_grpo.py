@@ -115,7 +115,8 @@ def build_rollout_engine(cfg: NERGRPOConfig, policy: torch.nn.Module, tokenizer)
     return build_engine(cfg.engine, policy, tokenizer, max_batch_tokens=cfg.max_batch_tokens,
                         max_model_len=cfg.max_prompt_len + cfg.max_completion_len,
                         kv_cache_gib=cfg.vllm_kv_cache_gib,
-                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed, dtype=cfg.dtype)
+                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed, dtype=cfg.dtype,
+                        rollout_dtype=cfg.rollout_dtype)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,9 +20,11 @@ less memory traffic per step, and each row costs the KV budget 1/n of its prompt
 Sampling (grpo/sampling.py) draws per-row seeded noise, so a row's output does not depend on batch composition.
 On CPU the weights run through oneDNN copies packed at the start of the call (a decode step multiplies a few rows by
 every matrix, where the default GEMM's per-call repacking costs more than the arithmetic); packs are rebuilt each
-call, so they can never be stale. fp32 Llama-family models (Llama, Qwen2, Mistral) then run every forward through
+call, so they can never be stale. Llama-family models (Llama, Qwen2, Mistral) then run every forward through
 grpo/fast_decode.py's LeanDecoder instead of transformers' modules (fused q/k/v and gate/up matmuls, fewer small
-ops); other models keep transformers' forward with each nn.Linear packed (grpo/packed_linear.py).
+ops); other models keep transformers' forward with each nn.Linear packed (grpo/packed_linear.py). `compute_dtype`
+(bf16 on CPUs with native bf16) has the lean forward pack converted weights and decode in that dtype while the
+module stays fp32 for training; its log-probs are then the bf16 policy's (see GRPOConfig.rollout_dtype).
 
 FSDP2: if the policy is wrapped with `fully_shard`, every FSDP module is all-gathered once before generation and
 kept unsharded until the end (no collectives inside the decode loop, so ranks need no lockstep), then resharded.
@@ -45,7 +47,7 @@ from grpo.gqa_attention import GQA_SDPA, additive_mask, gqa_attention
 from grpo.guide import Guide, GuidedRows
 from grpo.kv_cache import (DecodeBatch, SharedKV, SharedPrompts, cache_copy_rows, cache_empty_rows, cache_select,
                             cache_stack, new_cache, padded_positions, plain_full_attention)
-from grpo.packed_linear import packed_linears
+from grpo.packed_linear import packable_dtypes, packed_linears
 from grpo.sampling import StopStrings, row_generators, sample_next_tokens
 
 
@@ -65,6 +67,9 @@ class RolloutEngine(Protocol):
                  guide: Guide | None = None) -> list[Rollout]:
         """Flat list of len(prompts) * n rollouts; prompt i's samples are [i*n : (i+1)*n]."""
         ...
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Called after each optimizer step."""
@@ -123,9 +128,13 @@ class TorchEngine:
     def __init__(self, model: torch.nn.Module, tokenizer, max_batch_tokens: int = 32768,
                  eos_token_ids: list[int] | None = None, compact_fraction: float = 0.125, pack_weights: bool = True,
                  share_prefixes: bool = True, continuous: bool = True, join_fraction: float = 0.25,
-                 prefill_run_overhead: int = 64, cascade_attention: bool = True, lean_decode: bool = True):
+                 prefill_run_overhead: int = 64, cascade_attention: bool = True, lean_decode: bool = True,
+                 compute_dtype: torch.dtype | None = None):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
+        if compute_dtype is not None and compute_dtype not in packable_dtypes():
+            raise ValueError(f"compute_dtype={compute_dtype}: this CPU's oneDNN has no kernels for it (it has "
+                             f"{', '.join(map(str, packable_dtypes()))})")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_tokens = max_batch_tokens
@@ -153,8 +162,11 @@ class TorchEngine:
         # A prompt's n samples read one copy of its K/V (cascade attention, grpo/gqa_attention.py; CPU, n > 1,
         # with share_prefixes) instead of n copies: less memory traffic per step and more rows per budget.
         self.cascade_attention = cascade_attention
-        # CPU, fp32 Llama-family models: forwards skip transformers' modules (grpo/fast_decode.py; needs packing).
+        # CPU, Llama-family models: forwards skip transformers' modules (grpo/fast_decode.py; needs packing).
         self.lean_decode = lean_decode
+        # CPU: decode with copies of the weights in this dtype (bf16 for an fp32 model: half the bytes a step reads;
+        # pays on CPUs with native bf16) through the lean forward; None computes in the weights' own dtype.
+        self.compute_dtype = compute_dtype
         self._lean: LeanDecoder | None = None
         # What the last generate call did: prefill passes, joins into a running batch, decode steps (and their rows
         # summed), peak rows.
@@ -165,6 +177,9 @@ class TorchEngine:
     def _device(self) -> torch.device:
         """Where the model's weights are: every tensor the engine feeds it is made there."""
         return next(self.model.parameters()).device
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def update_weights(self, model: torch.nn.Module) -> None:
         if model is not self.model:
@@ -189,8 +204,13 @@ class TorchEngine:
         stop_strings = StopStrings(self.tokenizer, stop)
         with fsdp_unsharded(self.model), _eval_mode(self.model), gqa_attention(self.model), \
                 torch.inference_mode(), contextlib.ExitStack() as stack:
-            lean = self.lean_decode and self.pack_weights and unsupported_reason(self.model) is None
-            self._lean = LeanDecoder(self.model) if lean else None
+            lean_off = None if self.lean_decode and self.pack_weights else "lean_decode or pack_weights is off"
+            lean_off = lean_off or unsupported_reason(self.model, self.compute_dtype)
+            if lean_off is not None and self.compute_dtype not in (None, self._param_dtype()):
+                raise ValueError(f"compute_dtype={self.compute_dtype} runs through grpo/fast_decode.py's "
+                                 f"LeanDecoder, which cannot run here: {lean_off}")
+            lean = lean_off is None
+            self._lean = LeanDecoder(self.model, self.compute_dtype) if lean else None
             stack.enter_context(packed_linears(self.model, self.pack_weights and not lean))
             try:
                 rollouts = self._decode([prompts[p] for _, p in rows], [r for r, _ in rows], max_new_tokens,

@@ -82,6 +82,10 @@ class GRPOConfig(RunDirOptions):
     engine: str = _f("auto", "rollout engine: torch (shares the module) | vllm (colocated, weights synced in memory) "
                      "| auto (vllm on a CUDA machine with vLLM installed, else torch)")
     max_batch_tokens: int = _f(65536, "torch engine: (prompt+new) tokens × rows per generation chunk (memory bound)")
+    rollout_dtype: str = _f("", "dtype rollouts and evaluations generate in; empty = dtype. bfloat16 with fp32 "
+                                "weights on a CPU with native bf16 (AMX, AVX512-BF16): the torch engine decodes from "
+                                "bf16 copies, ~1.3-1.45x faster; the sampling policy is then a rounded copy of the "
+                                "trained one, so keep old_logprobs=recompute. vllm engine: its dtype")
     vllm_kv_cache_gib: float = _f(1.0, "vllm engine: KV cache size on CPU (GiB)")
     vllm_gpu_memory_utilization: float = _f(0.3, "vllm engine: fraction of GPU memory on GPU")
 
@@ -183,6 +187,11 @@ class GRPOConfig(RunDirOptions):
         need(self.save_every >= 0, f"save_every={self.save_every} must be ≥ 0 (0 = only at the end)")
         problems += self.run_dir_problems()
         problems += dtype_problems(self.dtype)
+        if self.rollout_dtype:
+            problems += [p.replace("dtype=", "rollout_dtype=", 1) for p in dtype_problems(self.rollout_dtype)]
+        need(not self.rollout_dtype or self.old_logprobs == "recompute" or not self.off_policy,
+             f"rollout_dtype={self.rollout_dtype} samples from a rounded copy of the policy, whose log-probs cannot "
+             f"stand for π_old: set old_logprobs=recompute")
         need(self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.weight_decay >= 0,
              "lr must be > 0, beta1 and beta2 in [0, 1), weight_decay ≥ 0")
         need(self.max_grad_norm > 0, "max_grad_norm must be > 0")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from grpo.engine import TorchEngine
 from grpo.engine_factory import build_engine, resolve_engine_name
@@ -35,3 +36,26 @@ def test_grpo_config_defaults_to_auto_and_accepts_it():
     cfg.engine = "tpu"
     with pytest.raises(ValueError, match="engine='tpu'"):
         cfg.validate(world_size=1)
+
+
+def test_rollout_dtype_reaches_the_engine_and_is_checked(smollm2_tokenizer):
+    from grpo.packed_linear import packable_dtypes
+
+    model = tiny_llama(vocab_size=len(smollm2_tokenizer), seed=0)
+    assert build_engine("torch", model, smollm2_tokenizer).compute_dtype is None
+    if torch.bfloat16 in packable_dtypes():
+        engine = build_engine("torch", model, smollm2_tokenizer, dtype="float32", rollout_dtype="bfloat16")
+        assert engine.compute_dtype == torch.bfloat16
+    else:
+        with pytest.raises(ValueError, match="no kernels"):
+            build_engine("torch", model, smollm2_tokenizer, rollout_dtype="bfloat16")
+    cfg = GRPOConfig(reward_weights={"f1": 1.0}, rollout_dtype="bf17")
+    with pytest.raises(ValueError, match="rollout_dtype='bf17': expected one of"):
+        cfg.validate(world_size=1)
+    cfg = GRPOConfig(reward_weights={"f1": 1.0}, rollout_dtype="bfloat16", mu=2, old_logprobs="rollout")
+    with pytest.raises(ValueError, match="set old_logprobs=recompute"):
+        cfg.validate(world_size=1)
+    cfg.old_logprobs = "recompute"
+    cfg.validate(world_size=1)
+    cfg.mu, cfg.old_logprobs = 1, "rollout"  # on-policy: π_old is the update's own forward, never the engine's
+    cfg.validate(world_size=1)

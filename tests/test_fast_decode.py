@@ -8,6 +8,7 @@ bias (llama with attention_bias), and rope scaling (llama3 rope type, read from 
 """
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from grpo.engine import TorchEngine  # noqa: E402
 from grpo.fast_decode import LeanDecoder, unsupported_reason  # noqa: E402
 from grpo.gqa_attention import gqa_attention  # noqa: E402
 from grpo.kv_cache import new_cache, padded_positions  # noqa: E402
+from grpo.packed_linear import packable_dtypes  # noqa: E402
 from test_torch_engine import peaked_tiny_llama, teacher_forced_logprobs  # noqa: E402
 
 VOCAB = 300
@@ -103,10 +105,37 @@ def test_unsupported_models_say_why():
     from transformers import GPT2Config, GPT2LMHeadModel
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
     assert "architecture GPT2LMHeadModel" in unsupported_reason(gpt2)
-    half = small_model("qwen2").to(torch.bfloat16)
-    assert "fp32" in unsupported_reason(half)
-    with pytest.raises(ValueError, match="cannot run this model"):
-        LeanDecoder(half)
+    mixed = small_model("qwen2")
+    mixed.lm_head.to(torch.bfloat16)
+    assert "several dtypes (bfloat16, float32)" in unsupported_reason(mixed)
+    with pytest.raises(ValueError, match="cannot run this model: weights of several dtypes"):
+        LeanDecoder(mixed)
+    assert "no oneDNN float16 matmul" in unsupported_reason(small_model("qwen2"), torch.float16)
+
+
+BF16 = torch.bfloat16 in packable_dtypes()
+
+
+@pytest.mark.parametrize("kind", ["llama-rope-scaling", "qwen2", "llama-bias"])
+def test_lean_bf16_is_transformers_in_bf16(kind):
+    """A bf16 model (on a CPU whose oneDNN has bf16 kernels) runs the lean forward, and its logits and K/V are
+    transformers' bf16 ones up to bf16 rounding: bf16 keeps 8 significant bits (0.4% per rounding), and the two
+    paths round at different points (fused matmuls, norms), which after three layers gave 0.5-0.9% of the logits'
+    scale (3% allowed; a dropped bias or rotary moves them by tens of percent). Elsewhere the model is refused."""
+    model = small_model(kind).to(torch.bfloat16)
+    if not BF16:
+        assert "no oneDNN bfloat16 matmul" in unsupported_reason(model)
+        return
+    assert unsupported_reason(model) is None
+    ((hf_logits, hf_cache), (lean_logits, lean_cache)), real = feed_both(model)
+    for expected, got in zip(hf_logits, lean_logits):
+        assert got.dtype == torch.float32
+        assert (got - expected).abs().max() < 0.03 * expected.abs().max()
+    for expected, got in zip(hf_cache.layers, lean_cache.layers):
+        for part in ("keys", "values"):
+            want, have = (getattr(c, part).transpose(1, 2)[real].float() for c in (expected, got))
+            assert getattr(got, part).dtype == torch.bfloat16
+            assert (have - want).abs().max() < 0.03 * want.abs().max()
 
 
 def test_engine_takes_the_lean_path_with_the_same_rollouts(smollm2_tokenizer, monkeypatch):
@@ -127,3 +156,43 @@ def test_engine_takes_the_lean_path_with_the_same_rollouts(smollm2_tokenizer, mo
         assert g.completion_ids == e.completion_ids
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(e.logprobs), rtol=0, atol=1e-5)
         assert (torch.tensor(g.logprobs) - teacher_forced_logprobs(model, g, 1.0)).abs().max().item() < 1e-4
+
+
+def test_engine_compute_dtype_is_the_model_converted(smollm2_tokenizer):
+    """TorchEngine(fp32 model, compute_dtype=bf16) samples exactly what the model loaded in bf16 samples (tokens and
+    log-probs identical: the same bf16 weights, packed), its log-probs are the bf16 model's under teacher
+    forcing within bf16 rounding, and the fp32 module is untouched. Without bf16 kernels the engine refuses."""
+    model = peaked_tiny_llama(len(smollm2_tokenizer)).eval()
+    if not BF16:
+        with pytest.raises(ValueError, match="no kernels"):
+            TorchEngine(model, smollm2_tokenizer, compute_dtype=torch.bfloat16)
+        return
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kwargs = dict(n=2, max_new_tokens=12, temperature=1.0, seed=5)
+    prompts = [[1, 17, 230, 4000, 12, 99, 5, 6, 7], [1, 40, 41, 42], [1, 800, 801, 802, 803, 804]]
+    got = TorchEngine(model, smollm2_tokenizer, eos_token_ids=[], compute_dtype=torch.bfloat16).generate(prompts,
+                                                                                                          **kwargs)
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    converted = copy.deepcopy(model).to(torch.bfloat16)
+    # As from_pretrained(dtype=bf16) leaves it: rotary frequencies stay fp32 (.to() would round them too).
+    converted.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.clone()
+    expected = TorchEngine(converted, smollm2_tokenizer, eos_token_ids=[]).generate(prompts, **kwargs)
+    fp32 = TorchEngine(model, smollm2_tokenizer, eos_token_ids=[]).generate(prompts, **kwargs)
+    assert any(g.completion_ids != f.completion_ids or g.logprobs != f.logprobs for g, f in zip(got, fp32))
+    for e, g in zip(expected, got):
+        assert (g.completion_ids, g.logprobs) == (e.completion_ids, e.logprobs)
+        gap = (torch.tensor(g.logprobs) - teacher_forced_logprobs(converted, g, 1.0)).abs().max().item()
+        assert gap < 0.1, gap
+
+
+def test_engine_compute_dtype_needs_the_lean_forward(smollm2_tokenizer):
+    model = peaked_tiny_llama(len(smollm2_tokenizer)).eval()
+    with pytest.raises(ValueError, match="compute_dtype=torch.float16: this CPU's oneDNN has no kernels"):
+        TorchEngine(model, smollm2_tokenizer, compute_dtype=torch.float16)
+    if BF16:
+        engine = TorchEngine(model, smollm2_tokenizer, compute_dtype=torch.bfloat16, lean_decode=False)
+        with pytest.raises(ValueError, match="LeanDecoder, which cannot run here: lean_decode or pack_weights is off"):
+            engine.generate([[1, 2, 3]], max_new_tokens=2)
+    # Its own dtype needs nothing: an fp32 model with compute_dtype=fp32 may take transformers' forward.
+    TorchEngine(model, smollm2_tokenizer, compute_dtype=torch.float32, lean_decode=False).generate([[1, 2, 3]],
+                                                                                                    max_new_tokens=2)
