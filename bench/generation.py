@@ -240,6 +240,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 8])
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--compute_dtypes", nargs="*", default=[],
+                        help="extra TorchEngine rows decoding the same model in these dtypes (e.g. bfloat16: "
+                             "TorchEngine(compute_dtype=...), as GRPO's rollout_dtype)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a model folder or the embedded default")
     parser.add_argument("--vllm_python", default=default_vllm_python(),
                         help=f"interpreter with vllm for bench/_vllm_side.py (default {VLLM_VENV_PYTHON} if it "
@@ -260,6 +263,8 @@ def main() -> None:
     engines = {"HF generate": None, "TorchEngine": TorchEngine(model, tokenizer),
                "TorchEngine, no packing / prefix sharing": TorchEngine(model, tokenizer, pack_weights=False,
                                                                        share_prefixes=False)}
+    for name in args.compute_dtypes:  # what GRPOConfig.rollout_dtype gives: the same module, converted weights
+        engines[f"TorchEngine, {name} compute"] = TorchEngine(model, tokenizer, compute_dtype=parse_dtype(name))
     vllm_sides = start_vllm(args, resolve_model_path(args.model))
     try:
         engines.update(vllm_sides)

@@ -108,3 +108,23 @@ def test_fsdp_param_groups_reads_both_torch_layouts():
     assert D._fsdp_param_groups(SimpleNamespace(_fsdp_param_groups=[a, b])) == [a, b]
     assert D._fsdp_param_groups(SimpleNamespace(_fsdp_param_group=a)) == [a]
     assert D._fsdp_param_groups(SimpleNamespace(_fsdp_param_group=None)) == []
+
+
+def test_engine_on_the_bf16_compute_copy_samples_as_the_bf16_model(smollm2_tokenizer):
+    """Generation under shard_trainable(bf16) runs on the unsharded bf16 compute copy: the same tokens and log-probs
+    as the model loaded in bf16 (rotary frequencies kept fp32, as from_pretrained keeps them)."""
+    from grpo.engine import TorchEngine
+    from test_torch_engine import peaked_tiny_llama
+
+    model = peaked_tiny_llama(len(smollm2_tokenizer)).eval()
+    loaded = copy.deepcopy(model).to(torch.bfloat16)
+    loaded.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.clone()
+    info = D.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    sharded = D.shard_trainable(copy.deepcopy(model), info, torch.bfloat16)
+    prompts, kwargs = [[1, 17, 230, 4000, 12, 99, 5, 6, 7], [1, 40, 41, 42]], dict(n=2, max_new_tokens=8, seed=3)
+    try:
+        got = TorchEngine(sharded, smollm2_tokenizer, eos_token_ids=[]).generate(prompts, **kwargs)
+    finally:
+        D.cleanup()
+    expected = TorchEngine(loaded, smollm2_tokenizer, eos_token_ids=[]).generate(prompts, **kwargs)
+    assert [(g.completion_ids, g.logprobs) for g in got] == [(e.completion_ids, e.logprobs) for e in expected]
