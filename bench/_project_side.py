@@ -88,7 +88,7 @@ def main() -> None:
     ref.eval().requires_grad_(False)
     if args.dtype != "float32":  # as train_grpo.py: fp32 masters, FSDP2 computes in dtype (one-rank group)
         policy = shard_trainable(policy, info, parse_dtype(args.dtype))
-    engine = TorchEngine(policy, tok)
+    engine = TorchEngine(policy, tok, compute_dtype=parse_dtype(args.rollout_dtype) if args.rollout_dtype else None)
     prompt_ids, prompts, _ = tokenize_prompts(tok, [{"messages": m} for m in chats], cfg.max_prompt_len)
     result: dict = {"framework": "project", "params": sum(p.numel() for p in policy.parameters())}
     if args.loss_batch:

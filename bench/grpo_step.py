@@ -145,6 +145,7 @@ def side_args() -> argparse.Namespace:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--prompts", default="", help="JSON file {prompts: [chat messages], group_size}: --shape ner")
+    ap.add_argument("--rollout_dtype", default="", help="project side: the engine's compute dtype (rollout_dtype)")
     return ap.parse_args()
 
 
@@ -199,13 +200,15 @@ def matmul_peak_flops(n: int = 2048, reps: int = 5, device: str = "cpu", dtype: 
 
 
 def run_side(framework: str, steps: int, new: int, loss_batch: str, device: str = "cpu", dtype: str = "float32",
-             model: str = "smollm2-135m-instruct", prompts: str = "") -> dict:
+             model: str = "smollm2-135m-instruct", prompts: str = "", rollout_dtype: str = "") -> dict:
     python = sys.executable if framework == "project" else str(TRL_PYTHON)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [python, str(BENCH_DIR / f"_{framework}_side.py"), "--steps", str(steps), "--new", str(new),
                "--out", out.name, "--device", device, "--dtype", dtype, "--model", model, "--prompts", prompts]
         if loss_batch:
             cmd += ["--loss_batch", loss_batch]
+        if rollout_dtype and framework == "project":
+            cmd += ["--rollout_dtype", rollout_dtype]
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
                "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
         t = time.perf_counter()
@@ -230,6 +233,9 @@ def main() -> None:
     ap.add_argument("--shape", default="chat", choices=("chat", "ner"),
                     help="chat: 4 short chat prompts x G 4 (the default); ner: the main job's GRPO shape, "
                          "2 of its all-types JSON prompts x G 8 (use with --new 96)")
+    ap.add_argument("--rollout_dtype", default="",
+                    help="the project's rollouts in this dtype (GRPOConfig.rollout_dtype, e.g. bfloat16 on a CPU with "
+                         "native bf16); TRL has no counterpart and generates in --dtype")
     args = ap.parse_args()
     frameworks = ("project", "trl")
     if not TRL_PYTHON.exists():
@@ -250,7 +256,7 @@ def main() -> None:
         for r in range(args.rounds):
             for fw in frameworks:  # project first: it writes the fixed loss batch TRL reads in round 0
                 res = run_side(fw, args.steps, args.new, loss_batch if r == 0 else "", args.device, args.dtype,
-                               args.model, str(prompt_file))
+                               args.model, str(prompt_file), args.rollout_dtype)
                 runs[fw].append(res)
                 print(f"round {r} {fw}: step walls {[round(s['wall_s'], 2) for s in res['steps']]} "
                       f"VmHWM {res['vmhwm_mib']:.0f} MiB, process {res['process_s']:.0f} s", file=sys.stderr)
@@ -276,7 +282,7 @@ def main() -> None:
     print(f"\nmachine: {cpu_flags()}")
     print(f"load before: {load_before}\nload after:  {load_after}")
     print(f"shape {args.shape}: {len(prompts)} prompts × G={group} × {args.new} new tokens, μ=1, β={BETA}, "
-          f"{args.dtype}, {args.device}, "
+          f"{args.dtype}{f' (project rollouts {args.rollout_dtype})' if args.rollout_dtype else ''}, {args.device}, "
           f"{THREADS} threads; params {params / 1e6:.1f} M, prompt+completion tokens/step {tokens}; "
           f"matmul peak {peak / 1e9:.0f} GFLOP/s\n")
     print("| framework | s/step (median) | completion tok/s | model GFLOP/s (10·params·tokens) | % matmul peak "
