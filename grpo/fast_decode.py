@@ -17,8 +17,8 @@ Supported (`unsupported_reason` says why not otherwise; the engine then keeps tr
 included, SiLU MLP, weights of one dtype on CPU, computing in fp32 or, where oneDNN has bf16 kernels, in bf16 (as
 weights or as converted copies: `LeanDecoder(model, dtype)`). Results equal transformers' forward up to summation
 order in the compute dtype (tests/test_fast_decode.py). bf16 pays where the CPU does bf16 natively (AMX or
-AVX512-BF16): on a 2-core Xeon with AMX it decodes SmolLM2-135M ~1.3-1.45x faster than fp32 (weights and K/V are
-half the bytes, and a decode step is bound by reading them).
+AVX512-BF16): on a 2-core Xeon with AMX it decodes SmolLM2-135M 1.5-1.6x faster than fp32 (weights and K/V are
+half the bytes, and a decode step is bound by reading them; bench/generation.py --compute_dtypes bfloat16).
 """
 from __future__ import annotations
 

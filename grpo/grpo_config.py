@@ -84,7 +84,7 @@ class GRPOConfig(RunDirOptions):
     max_batch_tokens: int = _f(65536, "torch engine: (prompt+new) tokens × rows per generation chunk (memory bound)")
     rollout_dtype: str = _f("", "dtype rollouts and evaluations generate in; empty = dtype. bfloat16 with fp32 "
                                 "weights on a CPU with native bf16 (AMX, AVX512-BF16): the torch engine decodes from "
-                                "bf16 copies, ~1.3-1.45x faster; the sampling policy is then a rounded copy of the "
+                                "bf16 copies, ~1.5x faster; the sampling policy is then a rounded copy of the "
                                 "trained one, so keep old_logprobs=recompute. vllm engine: its dtype")
     vllm_kv_cache_gib: float = _f(1.0, "vllm engine: KV cache size on CPU (GiB)")
     vllm_gpu_memory_utilization: float = _f(0.3, "vllm engine: fraction of GPU memory on GPU")
