@@ -68,9 +68,6 @@ class RolloutEngine(Protocol):
         """Flat list of len(prompts) * n rollouts; prompt i's samples are [i*n : (i+1)*n]."""
         ...
 
-    def _param_dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def update_weights(self, model: torch.nn.Module) -> None:
         """Called after each optimizer step."""
         ...

@@ -174,7 +174,8 @@ class LeanDecoder:
                 torch.set_num_threads(few)
 
         # bf16 on AMX: a one-token step's q/k/v, o and down matmuls (0.7-1.8 MB of weights each) run faster on one
-        # thread than split over two (8 rows: 54 -> 48 ms a step on a 2-core Xeon; fp32 is slower so: 72 -> 75).
+        # thread than split over two (8 rows: 54 -> 48 ms a step on a 2-core Xeon; in fp32 one thread is slower:
+        # 72 -> 75 ms).
         small = (lambda op, *args: op(*args)) if q == 1 and self.one_thread_small_matmuls else wide
         hidden = self.embed(input_ids).to(self.dtype)                             # (B, q, E)
         cos, sin = (t[:, :, None] for t in self.rotary(hidden, position_ids))   # (B, q, 1, D)
