@@ -8,7 +8,6 @@ bias (llama with attention_bias), and rope scaling (llama3 rope type, read from 
 """
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from grpo.fast_decode import LeanDecoder, unsupported_reason  # noqa: E402
 from grpo.gqa_attention import gqa_attention  # noqa: E402
 from grpo.kv_cache import new_cache, padded_positions  # noqa: E402
 from grpo.packed_linear import packable_dtypes  # noqa: E402
-from test_torch_engine import peaked_tiny_llama, teacher_forced_logprobs  # noqa: E402
+from test_torch_engine import as_loaded_in_bf16, peaked_tiny_llama, teacher_forced_logprobs  # noqa: E402
 
 VOCAB = 300
 PROMPTS = [[1, 17, 230, 40, 12, 99, 5, 6, 7], [1, 40, 41, 42], [3, 80, 81, 82, 83, 84]]
@@ -173,9 +172,7 @@ def test_engine_compute_dtype_is_the_model_converted(smollm2_tokenizer):
     got = TorchEngine(model, smollm2_tokenizer, eos_token_ids=[], compute_dtype=torch.bfloat16).generate(prompts,
                                                                                                           **kwargs)
     assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    converted = copy.deepcopy(model).to(torch.bfloat16)
-    # As from_pretrained(dtype=bf16) leaves it: rotary frequencies stay fp32 (.to() would round them too).
-    converted.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.clone()
+    converted = as_loaded_in_bf16(model)
     expected = TorchEngine(converted, smollm2_tokenizer, eos_token_ids=[]).generate(prompts, **kwargs)
     fp32 = TorchEngine(model, smollm2_tokenizer, eos_token_ids=[]).generate(prompts, **kwargs)
     assert any(g.completion_ids != f.completion_ids or g.logprobs != f.logprobs for g, f in zip(got, fp32))

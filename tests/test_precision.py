@@ -114,11 +114,10 @@ def test_engine_on_the_bf16_compute_copy_samples_as_the_bf16_model(smollm2_token
     """Generation under shard_trainable(bf16) runs on the unsharded bf16 compute copy: the same tokens and log-probs
     as the model loaded in bf16 (rotary frequencies kept fp32, as from_pretrained keeps them)."""
     from grpo.engine import TorchEngine
-    from test_torch_engine import peaked_tiny_llama
+    from test_torch_engine import as_loaded_in_bf16, peaked_tiny_llama
 
     model = peaked_tiny_llama(len(smollm2_tokenizer)).eval()
-    loaded = copy.deepcopy(model).to(torch.bfloat16)
-    loaded.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.clone()
+    loaded = as_loaded_in_bf16(model)
     info = D.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     sharded = D.shard_trainable(copy.deepcopy(model), info, torch.bfloat16)
     prompts, kwargs = [[1, 17, 230, 4000, 12, 99, 5, 6, 7], [1, 40, 41, 42]], dict(n=2, max_new_tokens=8, seed=3)

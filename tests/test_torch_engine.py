@@ -4,6 +4,7 @@ Run as a script under torchrun, this file is the FSDP2 worker that `test_fsdp2_t
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -66,6 +67,14 @@ def peaked_tiny_llama(vocab_size: int):
     model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab_size, hidden, generator=gen) * 4 / hidden**0.5)
     model.config.tie_word_embeddings = False
     return model
+
+
+def as_loaded_in_bf16(model):
+    """A bf16 copy of `model` as from_pretrained(dtype=bf16) would load it: rotary frequencies stay fp32 (.to()
+    alone would round them too)."""
+    loaded = copy.deepcopy(model).to(torch.bfloat16)
+    loaded.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.clone()
+    return loaded
 
 
 @pytest.fixture(scope="module")
