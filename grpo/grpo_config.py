@@ -34,10 +34,10 @@ def run_path_problems(cfg) -> list[str]:
     return problems
 
 
-def dtype_problems(dtype: str) -> list[str]:
+def dtype_problems(dtype: str, field: str = "dtype") -> list[str]:
     from grpo.models import DTYPES
 
-    return [] if dtype in DTYPES else [f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}"]
+    return [] if dtype in DTYPES else [f"{field}={dtype!r}: expected one of {', '.join(DTYPES)}"]
 
 
 @dataclass
@@ -188,7 +188,7 @@ class GRPOConfig(RunDirOptions):
         problems += self.run_dir_problems()
         problems += dtype_problems(self.dtype)
         if self.rollout_dtype:
-            problems += [p.replace("dtype=", "rollout_dtype=", 1) for p in dtype_problems(self.rollout_dtype)]
+            problems += dtype_problems(self.rollout_dtype, "rollout_dtype")
         need(not self.rollout_dtype or self.old_logprobs == "recompute" or not self.off_policy,
              f"rollout_dtype={self.rollout_dtype} samples from a rounded copy of the policy, whose log-probs cannot "
              f"stand for π_old: set old_logprobs=recompute")
