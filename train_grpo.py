@@ -19,7 +19,7 @@ from grpo.distributed import cleanup, init_distributed, shard_model, shard_train
 from grpo.engine_factory import build_engine
 from grpo.errors import UserError
 from grpo.grpo_config import GRPOConfig
-from grpo.host_memory import keep_freed_memory
+from grpo.host_memory import keep_freed_memory_for_training
 from grpo.models import check_model_spec, load_model, load_model_and_tokenizer, parse_dtype
 from grpo.rollout_io import tokenize_prompts
 from grpo.run_dir import plan_run
@@ -125,10 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     info = init_distributed()
     plan = plan_run(cfg, info)  # refuses a reused out_dir or a changed config before anything loads
     torch.manual_seed(cfg.seed)
-    if info.device.type == "cpu":  # else every step re-faults the pages it freed (grpo/host_memory.py)
-        memory = keep_freed_memory()
-        if info.rank == 0:
-            print(f"host memory: {memory}", flush=True)
+    keep_freed_memory_for_training(info.device.type, info.rank)  # else CPU steps re-fault the pages they freed
 
     # fp32 master weights, compute in cfg.dtype (grpo.distributed.shard_trainable)
     policy, tokenizer = load_model_and_tokenizer(cfg.model, "float32", info.device)

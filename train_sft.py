@@ -19,7 +19,7 @@ from grpo.config import check_paths, parse_config
 from grpo.config import option as _f
 from grpo.distributed import barrier, cleanup, init_distributed, shard_trainable
 from grpo.errors import UserError
-from grpo.host_memory import keep_freed_memory
+from grpo.host_memory import keep_freed_memory_for_training
 from grpo.models import check_model_spec, load_model_and_tokenizer, parse_dtype
 from grpo.run_dir import plan_run
 from grpo.sft import SFTConfig, tokenize_pairs, train_sft
@@ -92,10 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = init_distributed()
     plan = plan_run(cfg, info)  # refuses a reused out_dir or a changed config before anything loads
     torch.manual_seed(cfg.seed)
-    if info.device.type == "cpu":  # else every step re-faults the pages it freed (grpo/host_memory.py)
-        memory = keep_freed_memory()
-        if info.rank == 0:
-            print(f"host memory: {memory}", flush=True)
+    keep_freed_memory_for_training(info.device.type, info.rank)  # else CPU steps re-fault the pages they freed
     if cfg.dataset and info.rank == 0:
         ensure_cot_data(cfg)
     barrier()

@@ -35,3 +35,12 @@ def keep_freed_memory() -> str:
     if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, -1) != 1:
         return "default malloc (mallopt refused)"
     return "freed memory kept in the process (glibc mmap and trimming off)"
+
+
+def keep_freed_memory_for_training(device_type: str, rank: int) -> None:
+    """What both trainers do at start-up: on CPU keep freed memory, and say on rank 0 what that did (a GPU run's
+    host side allocates little, so it keeps the default)."""
+    if device_type == "cpu":
+        memory = keep_freed_memory()
+        if rank == 0:
+            print(f"host memory: {memory}", flush=True)
