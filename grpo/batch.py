@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from grpo.kv_cache import padded_positions, plain_full_attention
-from grpo.logprobs import token_entropy, token_logprobs
+from grpo.logprobs import token_logprobs, token_logprobs_and_entropy
 
 
 @dataclass
@@ -98,10 +98,10 @@ def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature
         out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                     position_ids=batch.position_ids.to(device), use_cache=False, logits_to_keep=C + 1)
         parts = [(out.logits[:, :-1, :], targets)]  # [N, C, V]: column j predicts completion token j
-    logp = torch.cat([token_logprobs(logits, t, temperature) for logits, t in parts], dim=1)
-    entropy = torch.cat([token_entropy(logits.detach(), temperature) for logits, _ in parts], dim=1) \
-        if with_entropy else None
-    return logp, entropy
+    if not with_entropy:
+        return torch.cat([token_logprobs(logits, t, temperature) for logits, t in parts], dim=1), None
+    logp, entropy = zip(*(token_logprobs_and_entropy(logits, t, temperature) for logits, t in parts))
+    return torch.cat(logp, dim=1), torch.cat(entropy, dim=1)
 
 
 def supports_shared_prefix(model: torch.nn.Module) -> bool:

@@ -90,25 +90,30 @@ def _accum_dtype(logits: torch.Tensor) -> torch.dtype:
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float,  # type: ignore[override]
-                chunk_size: int) -> torch.Tensor:
+                chunk_size: int, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = logits.shape
         acc = _accum_dtype(logits)
         flat_tokens = tokens.reshape(B * T, 1).long()
         out = torch.empty(B * T, dtype=acc, device=logits.device)
         lse = torch.empty(B * T, dtype=acc, device=logits.device)
+        entropy = torch.empty(B * T if with_entropy else 0, dtype=acc, device=logits.device)
         for start, stop, rows in _row_chunks(logits, chunk_size):
             scaled = rows.to(acc) / temperature  # the only V-wide scratch: [chunk, V] float32
             lse[start:stop] = torch.logsumexp(scaled, dim=-1)
             out[start:stop] = scaled.gather(-1, flat_tokens[start:stop]).squeeze(-1) - lse[start:stop]
+            if with_entropy:  # while the chunk is at hand: a second walk would redo the division and logsumexp
+                entropy[start:stop] = _chunk_entropy(scaled, lse[start:stop])
             del scaled
         ctx.save_for_backward(logits, flat_tokens, lse)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
-        return out.view(B, T)
+        entropy = entropy.view(B, T) if with_entropy else entropy
+        ctx.mark_non_differentiable(entropy)
+        return out.view(B, T), entropy
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor, _grad_entropy: torch.Tensor):  # type: ignore[override]
         logits, flat_tokens, lse = ctx.saved_tensors
         B, T, V = logits.shape
         inv_t = 1.0 / ctx.temperature
@@ -120,7 +125,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             chunk_grad.scatter_add_(-1, flat_tokens[start:stop], g[start:stop])  # + onehot * g / T
             grad[start:stop] = chunk_grad.to(logits.dtype)
             del probs, chunk_grad
-        return grad.view(B, T, V), None, None, None
+        return grad.view(B, T, V), None, None, None, None
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
@@ -147,7 +152,21 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     """
     chunk_size = default_chunk_rows(logits) if chunk_size is None else chunk_size
     _check_inputs(logits, tokens, temperature, chunk_size)
-    return _ChunkedTokenLogprobs.apply(logits, tokens, float(temperature), int(chunk_size))
+    return _ChunkedTokenLogprobs.apply(logits, tokens, float(temperature), int(chunk_size), False)[0]
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                               chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token_logprobs(...), token_entropy(...))`` in one walk over the logits: [B, T] each.
+
+    The entropy reuses each chunk's scaled logits and logsumexp: on [16, 95, 49152] float32 logits (a GRPO micro-batch
+    of SmolLM2) the pair took 0.35 s against 0.82 s for token_logprobs then the former five-walk token_entropy
+    (2-core Xeon, 2026-12-05). The entropy has no graph, as token_entropy's; the log-probs are token_logprobs'
+    exactly.
+    """
+    chunk_size = default_chunk_rows(logits) if chunk_size is None else chunk_size
+    _check_inputs(logits, tokens, temperature, chunk_size)
+    return _ChunkedTokenLogprobs.apply(logits, tokens, float(temperature), int(chunk_size), True)
 
 
 def reference_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -182,9 +201,23 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0,
     out = torch.empty(B * T, dtype=acc, device=logits.device)
     for start, stop, rows in _row_chunks(logits, chunk_size):
         z = rows.to(acc) / temperature
-        log_probs = z - torch.logsumexp(z, dim=-1, keepdim=True)
-        probs = torch.exp(log_probs)
-        # where(): a vocabulary entry masked to -inf has p = 0 and must add 0, not 0 * -inf = nan.
-        out[start:stop] = -torch.where(probs > 0, probs * log_probs, 0.0).sum(-1)
-        del z, log_probs, probs
+        out[start:stop] = _chunk_entropy(z, torch.logsumexp(z, dim=-1))
+        del z
     return out.view(B, T)
+
+
+def _chunk_entropy(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Entropies of rows of scaled logits z [n, V] with logsumexp lse [n]: H = -sum_v p_v log p_v, log p = z - lse,
+    as one dot product per row (three walks over the row instead of six). Not lse - sum_v p_v z_v: that cancels
+    two numbers of the logits' size and loses ~1e-5 absolute on a near-certain row.
+
+    A -inf entry (a masked vocabulary entry) has p = 0 and must add 0, but 0 * -inf is nan in the dot: such rows
+    are recomputed with the zero-probability entries dropped.
+    """
+    log_probs = z - lse[:, None]
+    probs = log_probs.exp()
+    entropy = -torch.linalg.vecdot(probs, log_probs)
+    bad = entropy.isnan().nonzero().squeeze(-1)
+    if len(bad):
+        entropy[bad] = -torch.where(probs[bad] > 0, probs[bad] * log_probs[bad], 0.0).sum(-1)
+    return entropy

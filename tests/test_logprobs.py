@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpo.logprobs import reference_token_logprobs, token_entropy, token_logprobs
+from grpo.logprobs import reference_token_logprobs, token_entropy, token_logprobs, token_logprobs_and_entropy
 
 
 def naive_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -44,6 +44,31 @@ def test_entropy_matches_categorical_and_has_no_graph():
     assert not h.requires_grad
     reference = torch.distributions.Categorical(logits=logits.detach() / 0.7).entropy()
     torch.testing.assert_close(h, reference, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 6), V=st.integers(2, 40), chunk=st.integers(1, 20),
+       temperature=st.floats(0.25, 3.0), shift=st.booleans(), masked=st.booleans(), seed=st.integers(0, 2**16))
+def test_logprobs_and_entropy_in_one_walk(B, T, V, chunk, temperature, shift, masked, seed):
+    # The fused pair equals the two functions: log-probs and their gradient exactly (same arithmetic), entropies
+    # against torch.distributions.Categorical (an independent formula), also with -inf (masked) vocabulary entries
+    # in some rows, where H = lse - sum p z meets 0 * -inf and must fall back to the definition.
+    gen = torch.Generator().manual_seed(seed)
+    raw = 3 * torch.randn(B, T + 1, V, generator=gen, dtype=torch.float64)
+    if masked:
+        raw[torch.rand(B, T + 1, V, generator=gen) < 0.3] = -math.inf
+        raw[..., 0] = 0.0  # every row keeps one finite entry
+    logits = (raw[:, :-1] if shift else raw[:, 1:].contiguous()).float().requires_grad_(True)
+    tokens = torch.zeros(B, T, dtype=torch.long)  # entry 0 is finite in every row
+    logp, entropy = token_logprobs_and_entropy(logits, tokens, temperature, chunk_size=chunk)
+    assert not entropy.requires_grad and entropy.shape == (B, T)
+    reference = torch.distributions.Categorical(logits=logits.detach().double() / temperature).entropy()
+    torch.testing.assert_close(entropy.double(), reference, atol=1e-5, rtol=1e-5)
+    assert torch.equal(logp, token_logprobs(logits, tokens, temperature, chunk_size=chunk))
+    weights = torch.randn(B, T, generator=gen)
+    fused_grad, = torch.autograd.grad((logp * weights).sum(), logits)
+    plain_grad, = torch.autograd.grad((token_logprobs(logits, tokens, temperature, chunk) * weights).sum(), logits)
+    assert torch.equal(fused_grad, plain_grad)
 
 
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 1.7])
