@@ -11,9 +11,9 @@ every step produced 16 × 32 = 512 completion tokens.
 
 Each framework runs in its own process (bench/_project_side.py with this interpreter, bench/_trl_side.py with the
 TRL venv's python from bench/setup_trl.sh), interleaved project, TRL, project, TRL; each process loads the model,
-runs --steps steps and drops the first (warm-up). s/step = median of the timed steps (project: generate → score →
-π_ref log-probs → advantages → policy_update, i.e. grpo.trainer.train's step without its logging/checkpoint tail;
-TRL: TrainerCallback on_step_begin → on_step_end, which brackets its generation, scoring, reference forward and
+runs --steps steps and drops the first --warmup (default 1). s/step = median of the timed steps (project: generate →
+score → π_ref log-probs → advantages → policy_update, i.e. grpo.trainer.train's step without its logging/checkpoint
+tail; TRL: TrainerCallback on_step_begin → on_step_end, which brackets its generation, scoring, reference forward and
 update). Model FLOPs per step, the same figure for both: 10 · params · T (generation 2, reference forward 2,
 policy forward+backward 6; T = all prompt + completion tokens of the 16 rows, prompts counted once per row);
 "% matmul peak" is against the best of a 2048² fp32 torch.matmul timed in the bench process (start and end).
@@ -101,6 +101,15 @@ The setting is glibc's, so TRL gains from it too when its process gets it throug
 under MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 (03:59 UTC) took 47.88 / 48.49 s per step at 9960 MiB
 VmHWM, i.e. 2.33x like for like. To compare that way, prefix the whole command with those two variables: both sides
 inherit them (the project side then leaves malloc to them).
+
+Re-measured 2026-12-05 07:41-08:00 UTC, same machine type, after the entropy joined the log-probs' walk over the
+logits, 5 steps per process with the first 2 not timed (the second is still ~4 s slow for the project: the heap grows
+around AdamW's state allocated at the end of the first; TRL's steps settle as well):
+    python bench/grpo_step.py --shape ner --rounds 1 --steps 5 --warmup 2 --new 96 --rollout_dtype bfloat16
+project 15.77 s (15.62 / 15.77 / 16.01), TRL 64.26 s (65.81 / 64.26 / 62.71): 4.07x, memory 0.80, loss difference
+1.49e-08 (load average 0.5 at the start, 1.8 at the end, matmul peak 344 GFLOP/s). The same command under
+MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736: project 16.35 s (16.82 / 16.35 / 16.19), TRL 45.51 s
+(45.89 / 44.94 / 45.51): 2.78x like for like, memory 0.74.
 """
 from __future__ import annotations
 
@@ -225,7 +234,11 @@ def uptime() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2, help="project, TRL, project, TRL, … (one process each)")
-    ap.add_argument("--steps", type=int, default=2, help="steps per process; the first is warm-up, not counted")
+    ap.add_argument("--steps", type=int, default=2, help="steps per process, --warmup of them not counted")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="first steps of each process not counted: the first allocates AdamW's state and faults "
+                         "its pages in; at the NER shape the second still runs ~4 s slow on CPU (the heap grows once "
+                         "more around that state), so --warmup 2 --steps 5 measures the steady state")
     ap.add_argument("--new", type=int, default=MAX_NEW, help="new tokens per completion")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--dtype", default="float32", help="compute dtype (float32 | bfloat16)")
@@ -272,7 +285,8 @@ def main() -> None:
     step_flops = 10 * params * tokens
     rows = {}
     for fw, results in runs.items():
-        timed = [s for res in results for s in res["steps"][1:]] or [s for res in results for s in res["steps"]]
+        timed = [s for res in results for s in res["steps"][args.warmup:]] or \
+            [s for res in results for s in res["steps"]]
         wall = statistics.median(s["wall_s"] for s in timed)
         comp = [s["completion_tokens"] for s in timed if s["completion_tokens"] is not None]
         rows[fw] = {"wall": wall, "walls": [s["wall_s"] for s in timed], "tok_s": n_rows * args.new / wall,
@@ -283,7 +297,8 @@ def main() -> None:
     print(f"load before: {load_before}\nload after:  {load_after}")
     print(f"shape {args.shape}: {len(prompts)} prompts × G={group} × {args.new} new tokens, μ=1, β={BETA}, "
           f"{args.dtype}{f' (project rollouts {args.rollout_dtype})' if args.rollout_dtype else ''}, {args.device}, "
-          f"{THREADS} threads; params {params / 1e6:.1f} M, prompt+completion tokens/step {tokens}; "
+          f"{THREADS} threads; {args.steps} steps a process, the first {args.warmup} not timed; "
+          f"params {params / 1e6:.1f} M, prompt+completion tokens/step {tokens}; "
           f"matmul peak {peak / 1e9:.0f} GFLOP/s\n")
     print("| framework | s/step (median) | completion tok/s | model GFLOP/s (10·params·tokens) | % matmul peak "
           "| VmHWM MiB | loss on fixed batch | timed step walls (s) | completion tokens/step |")
