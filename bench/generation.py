@@ -80,6 +80,16 @@ TorchEngine), compiled 199.7 (1.01x); 8 x 128: HF 46.8, TorchEngine 89.4 (7.6%),
 besides); hence the low share of the matmul peak. Sharing the type prefix's K/V at n = 1 through cascade attention
 was tried again: flash attention time fell 2.41 -> 1.98 s in a 32 x 64 call, but the merging ops (and the lost
 length order of the prefill runs) gave it back: 11.4 vs 11.0 s; dropped again.
+
+Re-measured 2026-12-05 on the same machine type, --repeats 2: 08:01-08:10 UTC as above (peak 317 GFLOP/s), 32 x 128:
+HF 60.7, TorchEngine 200.7, vLLM eager 183.6 (0.91x), compiled 221.9 (1.11x); 8 x 128: 49.7, 97.0, 93.0 (0.96x),
+103.4 (1.07x). 07:28-07:40 under GOMP_SPINCOUNT=30000 (OpenMP workers spin before sleeping; the vLLM servers
+inherit it): 32 x 128: 79.2, 247.3, 249.0 (1.01x), 264.6 (1.07x); 8 x 128: 67.2, 124.8, 122.1 (0.98x), 148.9
+(1.19x). With the other core busy (`python -c 'while True: pass'`, --batches 8 --repeats 1 --vllm_modes) spinning
+halves the rate instead: TorchEngine 66.3 tok/s passive, 32.5 spinning. torch.compile (inductor) of the lean
+forward's per-layer glue (two compiled regions a layer, the packed matmuls as an opaque custom op, flash attention
+and the cache write eager between them) was tried at 8 x 128: 12.6 s against 10.2 s eager (same tokens), 11.0 s with
+inductor's kernels on one thread; its per-call overhead exceeds the elementwise time it fuses. Dropped.
 """
 from __future__ import annotations
 
