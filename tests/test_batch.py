@@ -93,3 +93,56 @@ def test_narrowed_micro_batch_scores_its_rows_as_the_whole_batch_does(share):
     for name, g in a[2].items():
         torch.testing.assert_close(b[2][name], g, atol=1e-5, rtol=1e-4, msg=name)
     assert batch.narrow().input_ids.shape == batch.input_ids.shape  # the whole batch uses every column
+
+
+def gqa_llama():
+    """tiny_llama with grouped-query attention: 4 query heads over 2 K/V heads (SmolLM2 has 9 over 3)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_cpu_forward_runs_grouped_query_attention_natively(share, monkeypatch):
+    # Under a padding mask transformers' sdpa repeats K/V per query head; on CPU the trainer's forward instead runs
+    # the project's attention with enable_gqa. Same log-probs, entropies and gradients as the repeated K/V.
+    import contextlib
+
+    import grpo.batch
+    from grpo.gqa_attention import GQA_SDPA
+
+    model = gqa_llama()
+    model.train()
+    batch = grouped_batch()  # two prompt lengths: a padding mask
+    seen: list[str] = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args: seen.append(model.config._attn_implementation))
+    native = logp_and_grads(model, batch, share)
+    assert set(seen) == {GQA_SDPA} and model.config._attn_implementation == "sdpa"
+    seen.clear()
+    monkeypatch.setattr(grpo.batch, "_native_gqa_on_cpu", lambda model: contextlib.nullcontext())
+    repeated = logp_and_grads(model, batch, share)
+    assert set(seen) == {"sdpa"}
+    mask = batch.completion_mask.bool()
+    torch.testing.assert_close(native[0][mask], repeated[0][mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(native[1][mask], repeated[1][mask], atol=1e-5, rtol=1e-5)
+    for name, g in repeated[2].items():
+        torch.testing.assert_close(native[2][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gradient_checkpointing_keeps_transformers_attention():
+    # Checkpointing recomputes the forward in backward, outside completion_logprobs: it must save the same tensors
+    # as the forward did, so the forward keeps the model's own attention there.
+    model = gqa_llama()
+    model.gradient_checkpointing_enable()
+    model.train()
+    seen: list[str] = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args: seen.append(model.config._attn_implementation))
+    logp, _, grads = logp_and_grads(model, grouped_batch(), share=True)
+    assert set(seen) == {"sdpa"} and torch.isfinite(logp).all()
+    assert all(torch.isfinite(g).all() for g in grads.values())
