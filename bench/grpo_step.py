@@ -109,7 +109,10 @@ around AdamW's state allocated at the end of the first; TRL's steps settle as we
 project 15.77 s (15.62 / 15.77 / 16.01), TRL 64.26 s (65.81 / 64.26 / 62.71): 4.07x, memory 0.80, loss difference
 1.49e-08 (load average 0.5 at the start, 1.8 at the end, matmul peak 344 GFLOP/s). The same command under
 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736: project 16.35 s (16.82 / 16.35 / 16.19), TRL 45.51 s
-(45.89 / 44.94 / 45.51): 2.78x like for like, memory 0.74.
+(45.89 / 44.94 / 45.51): 2.78x like for like, memory 0.74. After the trainer's CPU forward switched to native
+grouped-query attention (grpo/batch.py), 08:41-08:57, same commands, the machine slower for both sides: under the malloc
+variables project 17.21 s (17.00 / 17.21 / 17.24), TRL 48.12 s (48.52 / 47.43 / 48.12): 2.80x, memory 0.66; by
+default 16.22 s against 86.58 s (86.58 / 89.89 / 81.45): 5.34x, TRL's steps a third slower than an hour earlier.
 """
 from __future__ import annotations
 
