@@ -1,4 +1,5 @@
-"""TorchEngine's attention: transformers' sdpa attention with native grouped-query support under a padding mask.
+"""TorchEngine's attention (and the trainer's forward on CPU, grpo/batch.py): transformers' sdpa attention with
+native grouped-query support under a padding mask.
 
 transformers' sdpa path materialises repeated K/V every layer and step when a mask is present, which dominates CPU
 decode time at long contexts. `gqa_attention(model)` routes an sdpa model through `_sdpa_gqa_attention` instead.
