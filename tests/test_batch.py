@@ -38,6 +38,15 @@ def logp_and_grads(model, batch, share: bool):
     return logp.detach(), entropy, grads
 
 
+def assert_same_scores(actual, expected, batch) -> None:
+    """logp_and_grads results agree on the completion tokens: log-probs, entropies and every parameter's gradient."""
+    mask = batch.completion_mask.bool()
+    torch.testing.assert_close(actual[0][mask], expected[0][mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual[1][mask], expected[1][mask], atol=1e-5, rtol=1e-5)
+    for name, g in expected[2].items():
+        torch.testing.assert_close(actual[2][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("pad_in_prompt", [False, True])
 def test_shared_prefix_equals_plain_forward(pad_in_prompt):
     model = tiny_llama(vocab_size=64, hidden=32, layers=2, heads=4, seed=5)
@@ -46,11 +55,7 @@ def test_shared_prefix_equals_plain_forward(pad_in_prompt):
     assert supports_shared_prefix(model)
     plain = logp_and_grads(model, batch, share=False)
     shared = logp_and_grads(model, batch, share=True)
-    mask = batch.completion_mask.bool()
-    torch.testing.assert_close(shared[0][mask], plain[0][mask], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(shared[1][mask], plain[1][mask], atol=1e-5, rtol=1e-5)
-    for name, g in plain[2].items():
-        torch.testing.assert_close(shared[2][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_scores(shared, plain, batch)
 
 
 def test_shared_prefix_single_token_completions_and_distinct_prompts():
@@ -127,11 +132,7 @@ def test_cpu_forward_runs_grouped_query_attention_natively(share, monkeypatch):
     monkeypatch.setattr(grpo.batch, "_native_gqa_on_cpu", lambda model: contextlib.nullcontext())
     repeated = logp_and_grads(model, batch, share)
     assert set(seen) == {"sdpa"}
-    mask = batch.completion_mask.bool()
-    torch.testing.assert_close(native[0][mask], repeated[0][mask], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(native[1][mask], repeated[1][mask], atol=1e-5, rtol=1e-5)
-    for name, g in repeated[2].items():
-        torch.testing.assert_close(native[2][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_scores(native, repeated, batch)
 
 
 def test_gradient_checkpointing_keeps_transformers_attention():
