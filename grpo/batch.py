@@ -102,8 +102,7 @@ def _native_gqa_on_cpu(model: torch.nn.Module) -> contextlib.AbstractContextMana
     less peak memory in a GRPO step (bench/trainer_passes.py). Not on accelerators (a mask with ``enable_gqa`` leaves
     CUDA only the math kernel), and not under gradient checkpointing, whose recomputation in backward runs outside
     this block and must save the same tensors."""
-    device = next(model.parameters()).device
-    if device.type != "cpu" or (model.training and getattr(model, "is_gradient_checkpointing", False)):
+    if next(model.parameters()).device.type != "cpu" or _checkpointing_in_training(model):
         return contextlib.nullcontext()
     return gqa_attention(model)
 
@@ -127,8 +126,12 @@ def _completion_logits(model: torch.nn.Module, batch: RolloutBatch, share_prompt
     return parts
 
 
+def _checkpointing_in_training(model: torch.nn.Module) -> bool:
+    return model.training and getattr(model, "is_gradient_checkpointing", False)
+
+
 def supports_shared_prefix(model: torch.nn.Module) -> bool:
-    if model.training and getattr(model, "is_gradient_checkpointing", False):
+    if _checkpointing_in_training(model):
         return False  # transformers turns the KV cache off under gradient checkpointing in training
     return "logits_to_keep" in inspect.signature(model.forward).parameters and plain_full_attention(model)
 
