@@ -150,9 +150,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
         [B, T] float32 (float64 if the logits are float64), differentiable w.r.t. logits; the gradient
         comes back in the logits' dtype.
     """
-    chunk_size = default_chunk_rows(logits) if chunk_size is None else chunk_size
-    _check_inputs(logits, tokens, temperature, chunk_size)
-    return _ChunkedTokenLogprobs.apply(logits, tokens, float(temperature), int(chunk_size), False)[0]
+    return _chunked_logprobs(logits, tokens, temperature, chunk_size, with_entropy=False)[0]
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
@@ -164,9 +162,14 @@ def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, tempe
     (2-core Xeon, 2026-12-05). The entropy has no graph, as token_entropy's; the log-probs are token_logprobs'
     exactly.
     """
+    return _chunked_logprobs(logits, tokens, temperature, chunk_size, with_entropy=True)
+
+
+def _chunked_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk_size: int | None,
+                      with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     chunk_size = default_chunk_rows(logits) if chunk_size is None else chunk_size
     _check_inputs(logits, tokens, temperature, chunk_size)
-    return _ChunkedTokenLogprobs.apply(logits, tokens, float(temperature), int(chunk_size), True)
+    return _ChunkedTokenLogprobs.apply(logits, tokens, float(temperature), int(chunk_size), with_entropy)
 
 
 def reference_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
