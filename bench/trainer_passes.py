@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -40,10 +41,17 @@ def micro_batch(pad_id: int):
     return collate_rollouts([prompts[i // 8] for i in range(16)], completions, [[0.0] * 96] * 16, pad_id)
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+def interleaved_times(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of each callable over `repeats` rounds, the callables interleaved within a round, after one
+    untimed warm-up round."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for rep in range(repeats + 1):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if rep:
+                times[name].append(time.perf_counter() - t)
+    return times
 
 
 def main() -> None:
@@ -68,12 +76,7 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         first_logps.setdefault(name, logp.detach())
 
-    times: dict[str, list[float]] = {name: [] for name in modes}
-    for rep in range(args.repeats + 1):
-        for name in modes:
-            elapsed = timed(lambda: step(name))
-            if rep:
-                times[name].append(elapsed)
+    times = interleaved_times({name: functools.partial(step, name) for name in modes}, args.repeats)
     grpo.batch._native_gqa_on_cpu = native_gqa
     diff = (first_logps["native GQA"] - first_logps["repeated K/V"]).abs().max().item()
     for name, ts in times.items():
@@ -86,13 +89,7 @@ def main() -> None:
     walks = {"one walk (token_logprobs_and_entropy)": lambda: token_logprobs_and_entropy(logits, tokens),
              "two walks (token_logprobs, token_entropy)": lambda: (token_logprobs(logits, tokens),
                                                                    token_entropy(logits))}
-    times = {name: [] for name in walks}
-    for rep in range(args.repeats + 1):
-        for name, fn in walks.items():
-            elapsed = timed(fn)
-            if rep:
-                times[name].append(elapsed)
-    for name, ts in times.items():
+    for name, ts in interleaved_times(walks, args.repeats).items():
         print(f"log-probs + entropy, {name}: {statistics.median(ts):.3f} s")
 
 
