@@ -152,8 +152,10 @@ def _shared_prefix_logits(model: torch.nn.Module, batch: RolloutBatch, prompt_id
                 use_cache=True, logits_to_keep=1)
     fan = fan.to(device)
     first = out.logits[fan]
-    for layer in cache.layers:  # fan the prompt K/V out to the rows (differentiable gather: gradients sum back)
-        layer.keys, layer.values = layer.keys[fan], layer.values[fan]
+    # Fan the prompt K/V out to the rows. index_select's backward sums the rows' gradients back with index_add:
+    # 0.8 ms per [2 -> 16, 3, 170, 64] tensor on 2 CPU threads against 1.9 ms for indexing's index_put.
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, fan), layer.values.index_select(0, fan)
     # The last completion token predicts nothing, so only tokens 0..C−2 are fed.
     fed = max(C - 1, 1)
     out = model(input_ids=batch.input_ids[:, P:P + fed].to(device),

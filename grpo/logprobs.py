@@ -87,6 +87,14 @@ def _accum_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
 
 
+def _scaled(rows: torch.Tensor, acc: torch.dtype, temperature: float) -> torch.Tensor:
+    """rows / temperature in the accumulation dtype: the rows themselves (no copy) at T = 1 when already in it, so
+    callers must not write to the result."""
+    if temperature == 1.0:
+        return rows.to(acc)
+    return rows.to(acc) / temperature
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float,  # type: ignore[override]
@@ -98,7 +106,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         lse = torch.empty(B * T, dtype=acc, device=logits.device)
         entropy = torch.empty(B * T if with_entropy else 0, dtype=acc, device=logits.device)
         for start, stop, rows in _row_chunks(logits, chunk_size):
-            scaled = rows.to(acc) / temperature  # the only V-wide scratch: [chunk, V] float32
+            scaled = _scaled(rows, acc, temperature)  # [chunk, V] float32: the only scratch (none at T = 1 in fp32)
             lse[start:stop] = torch.logsumexp(scaled, dim=-1)
             out[start:stop] = scaled.gather(-1, flat_tokens[start:stop]).squeeze(-1) - lse[start:stop]
             if with_entropy:  # while the chunk is at hand: a second walk would redo the division and logsumexp
@@ -119,11 +127,19 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         inv_t = 1.0 / ctx.temperature
         g = grad_out.reshape(B * T, 1).to(lse.dtype) * inv_t  # d loss / d (logits / T) scaled back to logits
         grad = torch.empty((B * T, V), dtype=logits.dtype, device=logits.device)
+        # float32 logits: each chunk's gradient is built in place in its rows of `grad` (no scratch, two fewer
+        # passes over [chunk, V]); lower precisions build it in a float32 scratch, then round once.
+        in_place = logits.dtype == lse.dtype
         for start, stop, rows in _row_chunks(logits, ctx.chunk_size):
-            probs = torch.exp(rows.to(lse.dtype) * inv_t - lse[start:stop, None])
-            chunk_grad = probs.mul_(-g[start:stop])  # -softmax * g / T
+            chunk = grad[start:stop] if in_place else None
+            if inv_t == 1.0:
+                probs = torch.sub(rows.to(lse.dtype), lse[start:stop, None], out=chunk)
+            else:
+                probs = torch.mul(rows.to(lse.dtype), inv_t, out=chunk).sub_(lse[start:stop, None])
+            chunk_grad = probs.exp_().mul_(-g[start:stop])  # -softmax * g / T
             chunk_grad.scatter_add_(-1, flat_tokens[start:stop], g[start:stop])  # + onehot * g / T
-            grad[start:stop] = chunk_grad.to(logits.dtype)
+            if not in_place:
+                grad[start:stop] = chunk_grad.to(logits.dtype)
             del probs, chunk_grad
         return grad.view(B, T, V), None, None, None, None
 
@@ -203,7 +219,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0,
     acc = _accum_dtype(logits)
     out = torch.empty(B * T, dtype=acc, device=logits.device)
     for start, stop, rows in _row_chunks(logits, chunk_size):
-        z = rows.to(acc) / temperature
+        z = _scaled(rows, acc, temperature)
         out[start:stop] = _chunk_entropy(z, torch.logsumexp(z, dim=-1))
         del z
     return out.view(B, T)

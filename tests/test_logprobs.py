@@ -111,6 +111,25 @@ def test_bf16_logits_upcast_per_chunk():
     assert logits.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype, temperature", [(torch.float32, 1.0), (torch.float32, 0.7), (torch.bfloat16, 1.0),
+                                                 (torch.bfloat16, 0.7)])
+def test_gradient_values_in_each_backward_path(dtype, temperature):
+    # float32 logits build the gradient in place (a subtraction at T = 1, a scaling otherwise); lower precisions in
+    # a float32 scratch rounded once. Each must give (1[v = token] - softmax(z / T)) * upstream / T, here in float64
+    # from the same (rounded) logits; bf16 keeps 8 bits, so it is held to half a bf16 step of the largest entry.
+    gen = torch.Generator().manual_seed(11)
+    logits = (2 * torch.randn(3, 9, 40, generator=gen)).to(dtype).requires_grad_()
+    tokens = torch.randint(0, 40, (3, 9), generator=gen)
+    upstream = torch.randn(3, 9, generator=gen)
+    (grad,) = torch.autograd.grad((token_logprobs(logits, tokens, temperature, chunk_size=4) * upstream).sum(), logits)
+    expected = torch.softmax(logits.detach().double() / temperature, -1).neg_()
+    expected.scatter_add_(-1, tokens[..., None], torch.ones(3, 9, 1, dtype=torch.float64))
+    expected *= upstream.double()[..., None] / temperature
+    assert grad.dtype == dtype
+    atol = 1e-6 if dtype == torch.float32 else float(expected.abs().max()) * 2.0 ** -9
+    torch.testing.assert_close(grad.double(), expected, rtol=0, atol=atol)
+
+
 def test_saves_no_vocab_sized_tensor_besides_the_logits():
     # Count bytes autograd keeps for backward. The naive path keeps a [B, T, V] float32 log-softmax; ours
     # keeps only the logits (a reference, no copy) plus O(B*T) tensors.
