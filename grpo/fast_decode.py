@@ -38,6 +38,12 @@ ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
+# A one-token step's attention runs on one thread when it reads less K/V than this in a layer: waking the second
+# OpenMP thread (~40 us under OMP_WAIT_POLICY=PASSIVE) then costs more than splitting the reads saves. On the 2-core
+# Xeon (30 layers' K/V cycled, one elementwise op between calls) one and two threads break even at ~1.5 MB in bf16
+# and fp32 alike (8-32 rows); below it one thread is up to 40% faster (8 rows x 64 tokens, bf16: 69 vs 113 us).
+ONE_THREAD_ATTENTION_BYTES = 3 << 19
+
 
 def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
     """The biases of linears whose outputs are concatenated: None when none has one (zeros stand in for a missing
@@ -176,7 +182,8 @@ class LeanDecoder:
         # bf16 on AMX: a one-token step's q/k/v, o and down matmuls (0.7-1.8 MB of weights each) run faster on one
         # thread than split over two (8 rows: 54 -> 48 ms a step on a 2-core Xeon; in fp32 one thread is slower:
         # 72 -> 75 ms).
-        small = (lambda op, *args: op(*args)) if q == 1 and self.one_thread_small_matmuls else wide
+        small = _on_this_thread if q == 1 and self.one_thread_small_matmuls else wide
+        attend = wide  # a one-token step's attention: see ONE_THREAD_ATTENTION_BYTES
         hidden = self.embed(input_ids).to(self.dtype)                             # (B, q, E)
         cos, sin = (t[:, :, None] for t in self.rotary(hidden, position_ids))   # (B, q, 1, D)
         mask = _additive_mask(attention_mask, q, hidden.dtype)
@@ -192,11 +199,13 @@ class LeanDecoder:
                 # Fold each K/V head's query group into the query axis (query head j * groups + g reads K/V head
                 # j, as in transformers' repeat_kv): every K/V head is read once for its whole group.
                 folded = qk[:, 0, :h].reshape(b, hkv, h // hkv, d)
+                if index == 0 and _attention_bytes(keys, plan) < ONE_THREAD_ATTENTION_BYTES:
+                    attend = _on_this_thread  # every layer reads as many K/V bytes as the first
                 if plan is not None:
-                    out = wide(gqa_attention.cascade_attention, index, folded, keys, values, mask, self.scaling,
-                               plan)
+                    out = attend(gqa_attention.cascade_attention, index, folded, keys, values, mask, self.scaling,
+                                 plan)
                 else:
-                    out = wide(_flash, folded, keys, values, attn_mask=mask, scale=self.scaling)[0]
+                    out = attend(_flash, folded, keys, values, attn_mask=mask, scale=self.scaling)[0]
             else:
                 out = F.scaled_dot_product_attention(qk[:, :, :h].transpose(1, 2), keys, values, attn_mask=mask,
                                                      scale=self.scaling, enable_gqa=True).transpose(1, 2)
@@ -208,6 +217,17 @@ class LeanDecoder:
                                    None)
         last = F.rms_norm(hidden[:, -1], (hidden.shape[-1],), *self.final_norm)
         return wide(packed_matmul, last, self.head, None).float()
+
+
+def _on_this_thread(op, *args, **kwargs):
+    return op(*args, **kwargs)
+
+
+def _attention_bytes(keys: torch.Tensor, plan) -> int:
+    """Bytes of K and V a one-token step's attention reads in one layer: the rows' own caches plus, under cascade
+    attention, each shared prompt block's."""
+    shared = sum(block.keys[0].numel() for block, *_ in plan) if plan else 0
+    return 2 * (keys.numel() + shared) * keys.element_size()
 
 
 def _has_amx() -> bool:

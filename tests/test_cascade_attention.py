@@ -70,3 +70,39 @@ def test_cascade_only_when_prompts_repeat(setup, monkeypatch):
     monkeypatch.setattr(gqa_attention, "cascade_attention", lambda *a: calls.append(1))
     TorchEngine(model, tok, eos_token_ids=eos).generate(PROMPTS, n=1, max_new_tokens=4, temperature=0)
     assert not calls
+
+
+def test_cascade_thread_count_counts_the_shared_prompts(setup, monkeypatch):
+    """Under cascade attention a step's K/V bytes are the rows' own plus the shared prompt blocks'. With the one-thread
+    limit set between the two, a step that reads less than the limit from its own caches but more in all runs on
+    every thread; each step's thread count follows own + shared < limit, and the samples do not depend on it."""
+    import grpo.fast_decode as fast_decode
+    model, tok, eos = setup
+    seen = []
+    original = gqa_attention.cascade_attention
+
+    def recorded(layer, folded, keys, values, mask, scaling, plan):
+        own = 2 * keys.numel() * keys.element_size()
+        shared = sum(2 * block.keys[layer].numel() * keys.element_size() for block, *_ in plan)
+        seen.append((own, shared, torch.get_num_threads()))
+        return original(layer, folded, keys, values, mask, scaling, plan)
+
+    monkeypatch.setattr(gqa_attention, "cascade_attention", recorded)
+    kwargs = dict(n=3, max_new_tokens=MAX_NEW, temperature=1.0, seed=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(fast_decode, "ONE_THREAD_ATTENTION_BYTES", 10**12)
+        expected = TorchEngine(model, tok, eos_token_ids=eos).generate(PROMPTS, **kwargs)
+        assert {t for _, _, t in seen} == {1}
+        own, shared, _ = seen[len(seen) // 2]
+        limit = own + shared
+        monkeypatch.setattr(fast_decode, "ONE_THREAD_ATTENTION_BYTES", limit)
+        seen.clear()
+        got = TorchEngine(model, tok, eos_token_ids=eos).generate(PROMPTS, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(expected, got)
+    assert all(t == (1 if o + s < limit else 2) for o, s, t in seen)
+    assert any(o < limit <= o + s and t == 2 for o, s, t in seen)
+    assert any(t == 1 for _, _, t in seen)

@@ -193,3 +193,33 @@ def test_engine_compute_dtype_needs_the_lean_forward(smollm2_tokenizer):
     # Its own dtype needs nothing: an fp32 model with compute_dtype=fp32 may take transformers' forward.
     TorchEngine(model, smollm2_tokenizer, compute_dtype=torch.float32, lean_decode=False).generate([[1, 2, 3]],
                                                                                                     max_new_tokens=2)
+
+
+def test_small_decode_attention_stays_on_one_thread(monkeypatch):
+    """A one-token step's attention runs on one thread when its layer reads fewer K/V bytes than
+    ONE_THREAD_ATTENTION_BYTES, on all of them otherwise, with the same logits either way."""
+    model = small_model("qwen2")
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    # After the step: 3 rows x 2 K/V heads x (9 + 1) columns x head dim 16, K and V, float32.
+    step_bytes = 2 * 3 * 2 * (ids.shape[1] + 1) * 16 * 4
+    threads_seen = []
+    flash = fast_decode._flash
+    monkeypatch.setattr(fast_decode, "_flash",
+                        lambda *a, **k: threads_seen.append(torch.get_num_threads()) or flash(*a, **k))
+    outputs = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for limit, expected in ((step_bytes + 1, 1), (step_bytes, 2)):
+            monkeypatch.setattr(fast_decode, "ONE_THREAD_ATTENTION_BYTES", limit)
+            cache, lean = new_cache(model, ids.shape[1] + 1), LeanDecoder(model)
+            threads_seen.clear()
+            with torch.inference_mode():
+                lean.forward(ids, mask, padded_positions(mask), cache)
+                step_mask = torch.cat([mask, torch.ones(len(PROMPTS), 1, dtype=torch.long)], dim=1)
+                outputs[limit] = lean.forward(torch.tensor([[5], [6], [7]]), step_mask,
+                                              padded_positions(step_mask)[:, -1:], cache)
+            assert threads_seen == [expected] * len(model.model.layers)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[step_bytes], outputs[step_bytes + 1])
