@@ -113,6 +113,14 @@ MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736: project 16.35 s (16.82 / 
 grouped-query attention (grpo/batch.py), 08:41-08:57, same commands, the machine slower for both sides: under the malloc
 variables project 17.21 s (17.00 / 17.21 / 17.24), TRL 48.12 s (48.52 / 47.43 / 48.12): 2.80x, memory 0.66; by
 default 16.22 s against 86.58 s (86.58 / 89.89 / 81.45): 5.34x, TRL's steps a third slower than an hour earlier.
+
+Re-measured 2026-12-05 like for like, two rounds (matmul peak 343-382 GFLOP/s, load average 0.5-1.8):
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python bench/grpo_step.py --shape ner --rounds 2 --steps 5 \
+        --warmup 2 --new 96 --rollout_dtype bfloat16
+09:49-10:01 UTC: project 14.69 s, TRL 42.77 s: 2.91x. 10:32-10:45, after a one-token step's attention moved to one
+thread under 1.5 MB of K/V (grpo/fast_decode.py) and the log-prob walk's float32 gradient was built in place: project
+14.19 s (15.98 / 14.18 / 15.89 / 14.20 / 14.17 / 14.03), TRL 43.29 s (43.57 / 43.38 / 44.33 / 43.21 / 43.09 /
+40.93): 3.05x, memory 0.64, loss difference 1.49e-08.
 """
 from __future__ import annotations
 
