@@ -9,7 +9,8 @@ attention-interface dispatch) adds up to a fifth of the step. This forward compu
     and applied to q and k together; the padding mask becomes additive once per forward, not once per layer;
   - K/V go straight into the PreallocatedLayer buffers; a one-token step folds each K/V head's query group into
     the query axis for the CPU flash kernel (as grpo/gqa_attention.py does) or runs cascade attention over shared
-    prompt K/V (`SharedKV`); a prefill runs SDPA with a causal + padding mask.
+    prompt K/V (`SharedKV`), on one thread when a layer's K/V is small (`ONE_THREAD_ATTENTION_BYTES`); a prefill
+    runs SDPA with a causal + padding mask.
 It reads and writes the cache transformers' forward uses, so both paths interleave freely.
 
 Supported (`unsupported_reason` says why not otherwise; the engine then keeps transformers' forward):
