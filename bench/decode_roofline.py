@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.generation import matmul_peak_flops  # noqa: E402
+from bench.generation import matmul_peak_flops, timed  # noqa: E402
 from bench.machine import cpu_flags  # noqa: E402
 from grpo.models import resolve_model_path  # noqa: E402
 
@@ -36,13 +35,9 @@ def decode_matrices(config) -> list[tuple[int, int]]:
 
 
 def best_seconds(fn, repeats: int = 5) -> float:
+    """Fastest wall time of fn() over `repeats` calls after one warm-up call."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(timed(fn)[0] for _ in range(repeats))
 
 
 def main() -> None:
@@ -54,7 +49,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.from_pretrained(resolve_model_path(args.model))
     print(f"machine: {cpu_flags()}; {args.threads} threads")
 
@@ -65,7 +60,8 @@ def main() -> None:
     weight_bytes = sum(m.numel() for m in matrices) * 4
     weights_s = best_seconds(lambda: [m.sum() for m in matrices])
     per_call_rate = weight_bytes / weights_s
-    params = sum(m.numel() for m in matrices) + config.hidden_size  # + the final norm; embeddings are looked up
+    with torch.device("meta"):  # the parameter count of bench/generation.py's "% peak", without loading weights
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     peak = matmul_peak_flops()
 
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
