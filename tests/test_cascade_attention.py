@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import grpo.fast_decode as fast_decode  # noqa: E402
 import grpo.gqa_attention as gqa_attention  # noqa: E402
 from grpo.engine import TorchEngine  # noqa: E402
 from test_continuous_batching import BUDGET, MAX_NEW, PROMPTS, assert_same, eos_for_varied_lengths  # noqa: E402
@@ -76,7 +77,6 @@ def test_cascade_thread_count_counts_the_shared_prompts(setup, monkeypatch):
     """Under cascade attention a step's K/V bytes are the rows' own plus the shared prompt blocks'. With the one-thread
     limit set between the two, a step that reads less than the limit from its own caches but more in all runs on
     every thread; each step's thread count follows own + shared < limit, and the samples do not depend on it."""
-    import grpo.fast_decode as fast_decode
     model, tok, eos = setup
     seen = []
     original = gqa_attention.cascade_attention
